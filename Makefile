@@ -1,0 +1,25 @@
+# Two commands do all the set-up: `make dryrun` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install only when the project's dependencies change; the stamp records that.
+STAMP := $(VENV)/.installed
+
+.PHONY: dryrun test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+dryrun: $(STAMP)
+	$(BIN)/dcgan train --config configs/dryrun.yaml --dry-run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data/prepared .pytest_cache

@@ -1,0 +1,45 @@
+"""The Backend protocol: the few things the framework-free loop asks of a framework."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol
+
+import numpy as np
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or state tensor became NaN or infinite; the run stops."""
+
+
+class Backend(Protocol):
+    framework: str  # recorded in every checkpoint manifest
+
+    def train_step(self, batch: np.ndarray) -> Mapping[str, Any]:
+        """One D update then one G update on this rank's uint8 NHWC batch.
+
+        Returns scalars that stay on the device (no host sync): the tags of
+        pipeline.tensorboard.SCALAR_TAGS that come from the step, plus "nonfinite", which is
+        1 when an update was skipped because its loss or gradient was not finite.
+        """
+
+    def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Bring accumulated device scalars to Python floats (the only sync of the loop)."""
+
+    def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        """uint8 NHWC images from G in inference mode: the fixed noise, or `num` from `seed`."""
+
+    def save(self, directory: Path) -> None:
+        """Write the full training state; refuse (NonFiniteError) if any tensor is not finite."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote. Tensors load with safe, non-pickling readers only."""
+
+    def fingerprint(self) -> dict[str, str]:
+        """A digest of every state tensor, to prove two states identical."""
+
+    def describe(self) -> dict[str, Any]:
+        """Device, parameter counts and peak accelerator memory, for reports."""
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,199 @@
+"""The PyTorch implementation of the Backend protocol (single process; DDP plugs in here later)."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.backends.base import NonFiniteError
+from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint8_images
+from pipeline.backends.torch_backend.models import build_models, count_parameters
+from pipeline.config import Config
+from pipeline.context import RankContext
+
+GENERATOR_FILE = "generator.pt"  # a plain state dict: loads as --netG of the canonical example
+DISCRIMINATOR_FILE = "discriminator.pt"
+OPTIMIZERS_FILE = "optimizers.pt"
+RNG_FILE = "rng.pt"
+
+
+class TorchBackend:
+    framework = "torch"
+
+    def __init__(self, cfg: Config, ctx: RankContext):
+        self.cfg = cfg
+        self.device = pick_device(cfg.runtime.device)
+        model, train = cfg.model, cfg.train
+        self.netG, self.netD = build_models(
+            model.nz, model.ngf, model.ndf, cfg.data.channels, cfg.data.image_size, ctx.init_seed(train.seed)
+        )
+        self.netG.to(self.device)
+        self.netD.to(self.device)
+        # fused=True: the fused kernel can skip a step on the device when told the gradients
+        # are not finite (see _step), which keeps the non-finite guard free of host syncs.
+        adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
+        self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
+        self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
+        )
+        self.bce = nn.BCEWithLogitsLoss()
+        self.noise = torch.Generator(self.device).manual_seed(ctx.noise_seed(train.seed))
+        fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
+        self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device)
+
+    # --- training ------------------------------------------------------------------------
+
+    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params) -> torch.Tensor:
+        """Backward and update unless the loss or a gradient is not finite; returns that flag."""
+        optimizer.zero_grad(set_to_none=True)
+        loss_bad = ~torch.isfinite(loss.detach())
+        if self.scaler.is_enabled():
+            # Under float16 an overflowing gradient is routine: the scaler skips that update
+            # and lowers its scale. Only a non-finite loss counts as a failure.
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            return loss_bad.float()
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = (loss_bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+        # The same device-side skip GradScaler uses with fused optimizers: no .item() here.
+        optimizer.grad_scale, optimizer.found_inf = None, bad
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return bad
+
+    def train_step(self, batch: np.ndarray) -> Mapping[str, Any]:
+        real = to_device(batch, self.device)
+        z = torch.randn(real.shape[0], self.cfg.model.nz, 1, 1, generator=self.noise, device=self.device)
+        with self.autocast:
+            fake = self.netG(z)
+            logits_real = self.netD(real)
+            logits_fake = self.netD(fake.detach())
+            loss_d = self.bce(logits_real, torch.ones_like(logits_real)) + self.bce(
+                logits_fake, torch.zeros_like(logits_fake)
+            )
+        bad_d = self._step(self.optD, loss_d, self.netD.parameters())
+
+        self.netD.requires_grad_(False)  # G's phase needs gradients through D, not for D
+        try:
+            with self.autocast:
+                logits_gen = self.netD(fake)
+                loss_g = self.bce(logits_gen, torch.ones_like(logits_gen))
+            bad_g = self._step(self.optG, loss_g, self.netG.parameters())
+        finally:
+            self.netD.requires_grad_(True)
+        self.scaler.update()
+        return {
+            "loss/d": loss_d.detach().float(),
+            "loss/g": loss_g.detach().float(),
+            "d/real": torch.sigmoid(logits_real.detach().float()).mean(),
+            "d/fake": torch.sigmoid(logits_fake.detach().float()).mean(),
+            "nonfinite": bad_d + bad_g,
+        }
+
+    def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        names = list(metrics)
+        values = torch.stack([torch.as_tensor(metrics[n], device=self.device).float() for n in names])
+        return dict(zip(names, values.cpu().tolist()))
+
+    @torch.no_grad()
+    def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        if num is None and seed is None:
+            z = self.fixed_noise
+        else:
+            generator = torch.Generator().manual_seed(seed or 0)
+            z = torch.randn(num or len(self.fixed_noise), self.cfg.model.nz, 1, 1, generator=generator)
+        was_training = self.netG.training
+        self.netG.eval()  # running BatchNorm statistics: sampling must not change the state
+        try:
+            images = self.netG(z.to(self.device))
+        finally:
+            self.netG.train(was_training)
+        return to_uint8_images(images)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _payload(self) -> dict[str, dict[str, Any]]:
+        return {
+            GENERATOR_FILE: self.netG.state_dict(),
+            DISCRIMINATOR_FILE: self.netD.state_dict(),
+            OPTIMIZERS_FILE: {
+                "generator": self.optG.state_dict(),
+                "discriminator": self.optD.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            },
+            RNG_FILE: {
+                "noise": self.noise.get_state(),
+                "torch_cpu": torch.get_rng_state(),
+                "fixed_noise": self.fixed_noise,
+            },
+        }
+
+    def save(self, directory: Path) -> None:
+        payload = self._payload()
+        for name, tensor in _tensors(payload):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"refusing to write a checkpoint: {name} holds NaN or infinite values")
+        for filename, content in payload.items():
+            torch.save(content, Path(directory) / filename)
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+
+        def read(filename: str) -> Any:
+            return torch.load(directory / filename, map_location=self.device, weights_only=True)
+
+        self.netG.load_state_dict(read(GENERATOR_FILE))
+        self.netD.load_state_dict(read(DISCRIMINATOR_FILE))
+        optimizers = read(OPTIMIZERS_FILE)
+        self.optG.load_state_dict(optimizers["generator"])
+        self.optD.load_state_dict(optimizers["discriminator"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(optimizers["scaler"])
+        rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
+        self.noise.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch_cpu"])
+        self.fixed_noise = rng["fixed_noise"].to(self.device)
+
+    def fingerprint(self) -> dict[str, str]:
+        digests = {}
+        for name, tensor in _tensors(self._payload()):
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digests[name] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        return digests
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "framework": f"torch {torch.__version__}",
+            "device": str(self.device),
+            "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
+        }
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+            info["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return info
+
+    def close(self) -> None:
+        pass
+
+
+def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every tensor in nested dicts / lists, in a stable order."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for key in tree:
+            yield from _tensors(tree[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, item in enumerate(tree):
+            yield from _tensors(item, f"{prefix}.{index}")

@@ -1,0 +1,140 @@
+"""The `dcgan` command: parse, build, run, close. No training logic lives here.
+
+Exit codes: 0 success, 1 the run failed (e.g. non-finite loss), 2 bad input (config, data,
+checkpoint), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline.backends.base import NonFiniteError
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
+from pipeline.data import DataError
+
+log = logging.getLogger("dcgan")
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="run config YAML (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, type-checked like the file (repeatable)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan", description="Data-parallel DCGAN training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (resumes automatically from the run directory)")
+    _add_config_args(train)
+    train.add_argument("--dry-run", action="store_true", help="a few steps in <run>-dryrun, a checkpoint round trip, a report")
+    train.add_argument("--dry-run-steps", type=int, default=None, metavar="N", help="steps of the dry run (default 12)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--fresh", action="store_true", help="do not resume; the previous run directory is moved aside")
+    start.add_argument("--resume", type=Path, metavar="CHECKPOINT_DIR", help="resume from this checkpoint")
+
+    prepare = commands.add_parser("prepare", help="decode a data source into uint8 shards + manifest")
+    _add_config_args(prepare)
+    prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+
+    sample = commands.add_parser("sample", help="generate images from a checkpoint")
+    sample.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG, or a directory with --separate")
+    sample.add_argument("--separate", action="store_true", help="one PNG per image in the --out directory")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline import config
+    from pipeline.session import StartOptions, TrainingSession
+
+    cfg = config.load(args.config, args.overrides)
+    if args.dry_run:
+        from pipeline.dryrun import DEFAULT_STEPS, dry_run, print_report
+
+        steps = args.dry_run_steps or DEFAULT_STEPS
+        if steps < 1:
+            raise ConfigError(f"--dry-run-steps must be >= 1, got {steps}")
+        print_report(dry_run(cfg, steps))
+        return 0
+    options = StartOptions(fresh=args.fresh, resume=args.resume)
+    with TrainingSession(cfg, options=options) as session:
+        summary = session.run()
+    log.info("finished at step %d; checkpoints in %s", summary.end_step, session.checkpoints.directory)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pipeline import config
+    from pipeline.data import prepare
+
+    cfg = config.load(args.config, args.overrides)
+    manifest = prepare(cfg.data, force=args.force)
+    print(
+        f"prepared {manifest['count']} images {tuple(manifest['shape'])} into {cfg.data.resolved_prepared_dir()} "
+        f"in {len(manifest['shards'])} shard(s); skipped {manifest['skipped_count']}"
+    )
+    for item in manifest["skipped"]:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pipeline import config
+    from pipeline.backends import create_backend
+    from pipeline.checkpoint import verify
+    from pipeline.context import LOCAL
+    from pipeline.images import make_grid, save_png
+
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {args.num}")
+    info = verify(args.checkpoint)
+    cfg = config.validate(info.config, f"{args.checkpoint}/manifest.json")
+    cfg.runtime.device = args.device
+    backend = create_backend(cfg, LOCAL)
+    try:
+        backend.load(info.path)
+        images = backend.sample(num=args.num, seed=args.seed)
+    finally:
+        backend.close()
+    if args.separate:
+        for index, image in enumerate(images):
+            save_png(image, args.out / f"sample-{index:05d}.png")
+        print(f"wrote {len(images)} images to {args.out}/")
+    else:
+        save_png(make_grid(images), args.out)
+        print(f"wrote a grid of {len(images)} images to {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "prepare": _prepare, "sample": _sample}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The typed run configuration: YAML in, a validated tree out.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored
+setting. Errors are raised as `ConfigError` with one line per problem, each naming the field,
+the bad value and what is allowed. This module imports no framework.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override; the CLI exits with code 2 on it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field(
+        "dryrun",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name; everything lands in <dir>/<name>/, and the same name resumes.",
+    )
+    dir: Path = Field(Path("runs"), description="Parent directory of all runs.")
+
+
+class DataSection(_Section):
+    source: Literal["digits", "synthetic", "folder", "mnist", "cifar10", "lsun"] = Field(
+        "digits", description="Where images come from; `digits` is embedded and fully offline."
+    )
+    root: Optional[Path] = Field(
+        None, description="Image folder (folder) or torchvision dataset root (mnist, cifar10, lsun)."
+    )
+    prepared_dir: Optional[Path] = Field(
+        None,
+        description="Where the uint8 shards and manifest go; default data/prepared/<source>-<size>px-<channels>ch.",
+    )
+    image_size: Literal[32, 64, 128] = Field(32, description="Square training resolution in pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB.")
+    max_images: Optional[int] = Field(None, gt=0, description="Keep at most this many images (first ones).")
+    synthetic_count: int = Field(2048, gt=0, description="Number of procedural images for source=synthetic.")
+    lsun_classes: list[str] = Field(["bedroom_train"], min_length=1, description="LSUN categories to read.")
+    download: bool = Field(False, description="Let torchvision download mnist / cifar10 into root.")
+    shard_size: int = Field(8192, gt=0, description="Images per shard file.")
+    prepare_workers: int = Field(0, ge=0, description="Decode processes at prepare time; 0 = all cores.")
+
+    @model_validator(mode="after")
+    def _root_for_file_sources(self) -> "DataSection":
+        if self.source in ("folder", "mnist", "cifar10", "lsun") and self.root is None:
+            raise ValueError(f"data.root is required for data.source={self.source!r} (the folder to read)")
+        return self
+
+    def resolved_prepared_dir(self) -> Path:
+        if self.prepared_dir is not None:
+            return self.prepared_dir
+        return Path("data") / "prepared" / f"{self.source}-{self.image_size}px-{self.channels}ch"
+
+
+class ModelSection(_Section):
+    nz: int = Field(100, gt=0, description="Length of the latent vector z.")
+    ngf: int = Field(64, gt=0, description="Generator width: channels of its last hidden layer.")
+    ndf: int = Field(64, gt=0, description="Discriminator width: channels of its first layer.")
+
+
+class TrainSection(_Section):
+    steps: int = Field(2000, gt=0, description="Optimizer steps of D and G (one global batch each).")
+    global_batch_size: int = Field(64, gt=0, description="Images per step summed over all ranks.")
+    lr: float = Field(2.0e-4, gt=0, description="Adam learning rate for both networks.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (DCGAN paper: 0.5).")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    seed: int = Field(0, ge=0, description="Seeds init, data shuffle (shared) and noise (per rank).")
+    amp: bool = Field(False, description="float16 autocast with a GradScaler (meant for CUDA).")
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+
+class CheckpointSection(_Section):
+    every: int = Field(500, gt=0, description="Save every N steps (and at the last step).")
+    keep: int = Field(
+        3, ge=2, description="Complete checkpoints kept; at least 2 so a corrupt newest one has a fallback."
+    )
+
+
+class LoggingSection(_Section):
+    every: int = Field(50, gt=0, description="Fetch metrics, write scalars and update progress every N steps.")
+    samples_every: int = Field(500, gt=0, description="Write the fixed-noise sample grid every N steps.")
+    num_samples: int = Field(64, gt=0, le=1024, description="Images in the fixed-noise grid.")
+
+
+class RuntimeSection(_Section):
+    runner: Literal["local"] = Field("local", description="local = in-process training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available.")
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    backend: Literal["torch"] = Field("torch", description="Training framework.")
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+    runtime: RuntimeSection = RuntimeSection()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.dir / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in err.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; allowed fields are listed in pipeline/config.py)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) or item["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=10")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"override {text!r}: empty name in {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not valid YAML: keep it as a string and let validation judge it
+    return path, parsed
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(path[: depth + 1])
+            raise ConfigError(f"override {'.'.join(path)}: {dotted} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping, got {type(raw).__name__}")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return validate(raw, source)
+
+
+def model_mismatch(saved: dict[str, Any], wanted: Config) -> list[str]:
+    """Fields that decide tensor shapes and differ between a checkpoint's config and this one."""
+    wanted_dict = wanted.to_dict()
+    keys = [("model", k) for k in wanted_dict["model"]] + [("data", "image_size"), ("data", "channels"), ("backend",)]
+    diffs = []
+    for key in keys:
+        old, new = saved, wanted_dict
+        for part in key:
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            diffs.append(f"{'.'.join(key)}: checkpoint has {old!r}, config asks for {new!r}")
+    return diffs

@@ -1,0 +1,38 @@
+"""Who am I in the job: rank, world size, chief, and the seeds that follow from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def noise_seed(self, seed: int) -> int:
+        """Latent noise differs per rank, or every rank would draw the same fakes."""
+        return int(np.random.SeedSequence([seed, 1, self.rank]).generate_state(1)[0])
+
+    @staticmethod
+    def init_seed(seed: int) -> int:
+        """Weights start identical on every rank (data-parallel replicas must agree)."""
+        return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+
+    @staticmethod
+    def fixed_noise_seed(seed: int) -> int:
+        """The sample grid's noise is the same on every rank and across resumes."""
+        return int(np.random.SeedSequence([seed, 2]).generate_state(1)[0])
+
+
+LOCAL = RankContext()

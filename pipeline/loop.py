@@ -1,0 +1,164 @@
+"""The framework-free training loop: cadence, the non-finite guard, logging and checkpoints.
+
+Driven by a step count over never-ending data iterators. Metrics stay on the device and are
+summed there; the host reads them only at log cadence (and at checkpoint and final steps,
+which also close a log window so a resumed run logs exactly what an uninterrupted one does).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+
+from pipeline import tensorboard as tb
+from pipeline.backends.base import Backend, NonFiniteError
+from pipeline.checkpoint import CheckpointManager
+from pipeline.config import Config
+from pipeline.context import RankContext
+from pipeline.data.sharding import DataPosition, EpochSharder
+from pipeline.data.shards import ShardedImages
+from pipeline.images import make_grid
+from pipeline.progress import Progress
+
+TRAINER_STATE_FILE = "trainer.json"
+
+
+def every(step: int, interval: int) -> bool:
+    """The one cadence rule: true on steps interval, 2*interval, ..."""
+    return interval > 0 and step % interval == 0
+
+
+@dataclass
+class TrainerState:
+    """What the loop itself needs to resume; the backend saves the tensors."""
+
+    step: int = 0
+    position: DataPosition = DataPosition()
+
+    def write(self, directory: Path) -> None:
+        payload = {"step": self.step, "position": self.position.to_dict()}
+        (Path(directory) / TRAINER_STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainerState":
+        payload = json.loads((Path(directory) / TRAINER_STATE_FILE).read_text())
+        return cls(step=int(payload["step"]), position=DataPosition.from_dict(payload["position"]))
+
+
+@dataclass
+class LoopSummary:
+    start_step: int
+    end_step: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    window_step_ms: list[float] = field(default_factory=list)  # mean step time of each log window
+    checkpoints: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def steady_step_ms(self) -> float:
+        """Median window step time, leaving out the first window (warm-up) when there are more."""
+        windows = self.window_step_ms[1:] or self.window_step_ms
+        return statistics.median(windows) if windows else float("nan")
+
+
+class _Window:
+    """Device-side metric sums over the steps since the last log point."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+
+
+def run_loop(
+    cfg: Config,
+    ctx: RankContext,
+    backend: Backend,
+    images: ShardedImages,
+    state: TrainerState,
+    checkpoints: Optional[CheckpointManager],
+    writer: tb.NullWriter,
+    progress: Progress,
+    total_steps: Optional[int] = None,
+) -> LoopSummary:
+    total = cfg.train.steps if total_steps is None else total_steps
+    sharder = EpochSharder(
+        len(images), cfg.train.global_batch_size, cfg.train.seed, ctx.rank, ctx.world_size, state.position
+    )
+    batches: Iterator[np.ndarray] = (images.gather(indices) for indices in sharder)
+    summary = LoopSummary(start_step=state.step, end_step=state.step)
+    window = _Window(state.step + 1)
+    last_checkpoint_step = state.step
+    started = time.perf_counter()
+    progress.start(total, state.step)
+    for step in range(state.step + 1, total + 1):
+        window.add(backend.train_step(next(batches)))
+        last = step == total
+        save_now = checkpoints is not None and (every(step, cfg.checkpoint.every) or last)
+        log_now = every(step, cfg.logging.every) or save_now or last
+        if log_now:
+            summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
+            progress.update(step, summary.last_metrics)
+        if every(step, cfg.logging.samples_every) or last:
+            writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
+        if save_now:
+            trainer_state = TrainerState(step=step, position=sharder.position)
+            summary.checkpoints.append(_save(cfg, ctx, backend, checkpoints, trainer_state))
+            last_checkpoint_step = step
+        if log_now:  # opened after sampling and saving, so step times measure training alone
+            window = _Window(step + 1)
+        summary.end_step = step
+    writer.flush()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _close_window(
+    cfg: Config,
+    backend: Backend,
+    window: _Window,
+    step: int,
+    last_checkpoint_step: int,
+    writer: tb.NullWriter,
+    summary: LoopSummary,
+) -> dict[str, float]:
+    sums = backend.to_host(window.sums)  # the loop's one host sync, once per window
+    if sums.pop("nonfinite", 0.0) > 0:
+        raise NonFiniteError(
+            f"non-finite loss or gradient in steps {window.first_step}..{step}: those updates were skipped, "
+            f"the run stops here, and the newest checkpoint is from step {last_checkpoint_step}"
+        )
+    seconds = time.perf_counter() - window.started
+    step_ms = 1000.0 * seconds / window.steps
+    values = {name: total / window.steps for name, total in sums.items()}
+    values[tb.TAG_STEP_TIME_MS] = step_ms
+    values[tb.TAG_IMAGES_PER_SEC] = cfg.train.global_batch_size * window.steps / seconds
+    summary.window_step_ms.append(step_ms)
+    writer.scalars(step, values)
+    return values
+
+
+def _save(
+    cfg: Config,
+    ctx: RankContext,
+    backend: Backend,
+    checkpoints: CheckpointManager,
+    state: TrainerState,
+) -> Path:
+    def write_files(directory: Path) -> None:
+        backend.save(directory)
+        state.write(directory)
+
+    metadata = {"framework": backend.framework, "world_size": ctx.world_size, "config": cfg.to_dict()}
+    return checkpoints.save(state.step, write_files, metadata)

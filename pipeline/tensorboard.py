@@ -1,0 +1,95 @@
+"""TensorBoard event files on the chief; a null writer everywhere else.
+
+tensorboardX, not torch.utils.tensorboard: torch's writer imports TensorFlow when it is
+installed, and torch + TensorFlow in one process crashes (DESIGN.md, traps). The tag names
+are the contract shared by both backends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from pipeline.images import save_png
+
+TAG_LOSS_D = "loss/d"
+TAG_LOSS_G = "loss/g"
+TAG_D_REAL = "d/real"
+TAG_D_FAKE = "d/fake"
+TAG_IMAGES_PER_SEC = "perf/images_per_sec"
+TAG_STEP_TIME_MS = "perf/step_time_ms"
+TAG_SAMPLES = "samples/fixed_noise"
+SCALAR_TAGS = (TAG_LOSS_D, TAG_LOSS_G, TAG_D_REAL, TAG_D_FAKE, TAG_IMAGES_PER_SEC, TAG_STEP_TIME_MS)
+
+
+class NullWriter:
+    """What non-chief ranks hold, so call sites never branch on the rank."""
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        pass
+
+    def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
+        pass
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class EventWriter(NullWriter):
+    """Event files under `logdir`; sample grids also as PNG files under `samples_dir`."""
+
+    def __init__(self, logdir: Path, samples_dir: Optional[Path] = None, purge_step: Optional[int] = None):
+        from tensorboardX import SummaryWriter
+
+        # purge_step: after a resume, TensorBoard hides what a crashed run logged past it.
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+        self.samples_dir = samples_dir
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
+        self._writer.add_image(tag, image_hwc, step, dataformats="HWC")
+        if self.samples_dir is not None:
+            save_png(image_hwc, self.samples_dir / f"step-{step:08d}.png")
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """Into this run's own event file (add_hparams would open a second run directory)."""
+        from tensorboardX.summary import hparams as hparams_summary
+
+        experiment, start, end = hparams_summary(dict(hparams), dict(metrics))
+        for summary in (experiment, start, end):
+            self._writer.file_writer.add_summary(summary)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def open_writer(run_dir: Path, is_chief: bool, purge_step: Optional[int] = None) -> NullWriter:
+    """<run>/tb for events and <run>/samples for PNG grids, on the chief only."""
+    return EventWriter(run_dir / "tb", run_dir / "samples", purge_step) if is_chief else NullWriter()
+
+
+def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested config -> {"train.lr": 0.0002, ...} with values TensorBoard's hparams can show."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in flat_hparams(value).items()})
+        elif isinstance(value, (bool, int, float, str)):
+            flat[key] = value
+        elif value is not None:
+            flat[key] = str(value)
+    return flat
