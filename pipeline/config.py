@@ -138,7 +138,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; allowed fields are listed in pipeline/config.py)"
         value = item.get("input")
-        shown = "" if isinstance(value, dict) or item["type"] == "missing" else f" (got {value!r})"
+        if item["type"] == "missing" or (isinstance(value, dict) and not item["type"].endswith("_type")):
+            shown = ""  # the field is absent, or the message is about a whole section
+        elif isinstance(value, dict):
+            shown = " (got a section)"
+        else:
+            shown = f" (got {value!r})"
         lines.append(f"  {field}: {message}{shown}")
     return "\n".join(lines)
 

@@ -24,6 +24,10 @@ class RankContext:
         """Latent noise differs per rank, or every rank would draw the same fakes."""
         return int(np.random.SeedSequence([seed, 1, self.rank]).generate_state(1)[0])
 
+    def process_seed(self, seed: int) -> int:
+        """For the framework's global RNG, which torch otherwise seeds at random per process."""
+        return int(np.random.SeedSequence([seed, 3, self.rank]).generate_state(1)[0])
+
     @staticmethod
     def init_seed(seed: int) -> int:
         """Weights start identical on every rank (data-parallel replicas must agree)."""

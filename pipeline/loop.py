@@ -135,9 +135,10 @@ def _close_window(
 ) -> dict[str, float]:
     sums = backend.to_host(window.sums)  # the loop's one host sync, once per window
     if sums.pop("nonfinite", 0.0) > 0:
+        newest = f"the newest checkpoint is from step {last_checkpoint_step}" if last_checkpoint_step else "no checkpoint was written"
         raise NonFiniteError(
-            f"non-finite loss or gradient in steps {window.first_step}..{step}: those updates were skipped, "
-            f"the run stops here, and the newest checkpoint is from step {last_checkpoint_step}"
+            f"non-finite loss or gradient in steps {window.first_step}..{step}: those updates were skipped "
+            f"and the run stops here; {newest}"
         )
     seconds = time.perf_counter() - window.started
     step_ms = 1000.0 * seconds / window.steps

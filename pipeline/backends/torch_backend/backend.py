@@ -29,6 +29,7 @@ class TorchBackend:
     def __init__(self, cfg: Config, ctx: RankContext):
         self.cfg = cfg
         self.device = pick_device(cfg.runtime.device)
+        torch.manual_seed(ctx.process_seed(cfg.train.seed))  # restored from checkpoints on resume
         model, train = cfg.model, cfg.train
         self.netG, self.netD = build_models(
             model.nz, model.ngf, model.ndf, cfg.data.channels, cfg.data.image_size, ctx.init_seed(train.seed)

@@ -1,0 +1,37 @@
+"""Shared fixtures: small configs, data prepared once per session, isolated working dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Keep every test on CPU and deterministic in thread count, whatever the machine has.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def small_config(tmp_path: Path, **sections) -> config.Config:
+    """A tiny, fast config rooted in tmp_path; keyword sections override the defaults."""
+    raw = {
+        "run": {"name": "t", "dir": str(tmp_path / "runs")},
+        "data": {"source": "synthetic", "synthetic_count": 256, "image_size": 32, "channels": 1,
+                 "prepared_dir": str(tmp_path / "prepared")},
+        "model": {"nz": 16, "ngf": 8, "ndf": 8},
+        "train": {"steps": 8, "global_batch_size": 16, "seed": 3},
+        "checkpoint": {"every": 4, "keep": 2},
+        "logging": {"every": 2, "samples_every": 4, "num_samples": 16},
+        "runtime": {"device": "cpu"},
+    }  # fmt: skip
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config.validate(raw, "test")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> config.Config:
+    return small_config(tmp_path)

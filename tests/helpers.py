@@ -1,0 +1,38 @@
+"""Helpers for end-to-end tests: run the real CLI in a fresh process, read real event files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def write_config(path: Path, cfg) -> Path:
+    path.write_text("# test config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dcgan ARGS` in a new interpreter, so each run starts from a clean process state."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} through TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)}
+        for tag in accumulator.Tags()["scalars"]
+    }

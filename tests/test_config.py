@@ -1,0 +1,100 @@
+"""Config loading, overrides and the error messages users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate_and_say_how_to_run(path: Path):
+    cfg = config.load(path)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), f"{path.name} must start with a comment giving its command"
+    assert "dcgan" in path.read_text().split("\n\n")[0] or "make" in first_line + path.read_text()[:400]
+    assert cfg.run.name
+
+
+def test_defaults_and_resolved_dump_round_trip(tmp_path: Path):
+    cfg = config.load(None)
+    assert (cfg.backend, cfg.data.source, cfg.train.lr, cfg.train.beta1) == ("torch", "digits", 2e-4, 0.5)
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(cfg.dump_yaml())
+    assert config.load(dumped) == cfg
+
+
+def test_overrides_are_typed(tmp_path: Path):
+    cfg = config.load(None, ["train.steps=10", "train.lr=1e-3", "train.amp=true", "run.name=abc"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.amp, cfg.run.name) == (10, 1e-3, True, "abc")
+    assert isinstance(cfg.train.steps, int)
+
+
+def test_default_prepared_dir_names_source_size_and_channels():
+    cfg = config.load(None, ["data.image_size=64", "data.channels=3"])
+    assert cfg.data.resolved_prepared_dir() == Path("data/prepared/digits-64px-3ch")
+
+
+def _write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+# (config content, overrides, fragments every one of which the message must contain)
+BAD = [
+    ({"train": {"steps": 0}}, [], ["train.steps", "greater than 0", "got 0"]),
+    ({"train": {"stpes": 10}}, [], ["train.stpes", "unknown field"]),
+    ({"trian": {"steps": 10}}, [], ["trian", "unknown field"]),
+    ({"backend": "jax"}, [], ["backend", "'torch'", "got 'jax'"]),
+    ({"data": {"image_size": 48}}, [], ["data.image_size", "32", "64", "128", "got 48"]),
+    ({"data": {"channels": 2}}, [], ["data.channels", "got 2"]),
+    ({"data": {"source": "folder"}}, [], ["data.root is required", "folder"]),
+    ({"data": {"source": "imagenet"}}, [], ["data.source", "'digits'", "got 'imagenet'"]),
+    ({"checkpoint": {"keep": 1}}, [], ["checkpoint.keep", "greater than or equal to 2", "got 1"]),
+    ({"train": {"lr": -1}}, [], ["train.lr", "greater than 0", "got -1"]),
+    ({"train": {"lr": ".inf"}}, [], ["train.lr"]),
+    ({"train": {"beta1": 1.5}}, [], ["train.beta1", "less than 1", "got 1.5"]),
+    ({"train": {"global_batch_size": "many"}}, [], ["train.global_batch_size", "integer", "got 'many'"]),
+    ({"run": {"name": "a/b"}}, [], ["run.name", "pattern", "got 'a/b'"]),
+    ({"runtime": {"runner": "slurm"}}, [], ["runtime.runner", "'local'", "got 'slurm'"]),
+    ({"logging": {"every": 2.5}}, [], ["logging.every", "got 2.5"]),
+    ({"train": 5}, [], ["train", "valid dictionary"]),
+    ("train: {steps: [1, 2\n", [], ["not valid YAML", "bad.yaml"]),
+    ("- just\n- a list\n", [], ["top level must be a mapping"]),
+    ({}, ["train.steps=abc"], ["train.steps", "got 'abc'", "--set train.steps=abc"]),
+    ({}, ["train.steps"], ["train.steps", "expected section.key=value"]),
+    ({}, ["train.steps.x=1"], ["train.steps", "valid integer", "got a section"]),
+    ({"train": {"steps": 5}}, ["train.steps.x=1"], ["train.steps", "is a value, not a section"]),
+    ({}, ["model.depth=3"], ["model.depth", "unknown field"]),
+]
+
+
+@pytest.mark.parametrize("content, overrides, fragments", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_config_names_field_value_and_allowed(tmp_path: Path, content, overrides, fragments):
+    path = _write(tmp_path, content)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, overrides)
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+
+
+def test_missing_file_names_the_path(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_model_mismatch_lists_shape_fields():
+    saved = config.load(None).to_dict()
+    wanted = config.load(None, ["model.ngf=32", "data.image_size=64"])
+    diffs = config.model_mismatch(saved, wanted)
+    assert any("model.ngf: checkpoint has 64, config asks for 32" in d for d in diffs)
+    assert any("data.image_size" in d for d in diffs)
+    assert config.model_mismatch(saved, config.load(None, ["train.lr=0.001"])) == []
