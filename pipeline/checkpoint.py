@@ -66,11 +66,19 @@ def verify(path: Path) -> CheckpointInfo:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST} (incomplete or not a checkpoint)") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, and bytes that are not UTF-8
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
+    # The manifest is not covered by its own checksums, so a damaged one may still parse: any
+    # shape but the one save() writes must be a CheckpointError, or latest() crashes instead of
+    # falling back to the previous checkpoint.
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: not a JSON object")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
+        raise CheckpointError(f"{manifest_path}: malformed (needs an integer step and a files mapping)")
+    for name, expected in files.items():
         file_path = path / name
         if not file_path.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")

@@ -7,6 +7,7 @@ are the contract shared by both backends.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -50,7 +51,11 @@ class EventWriter(NullWriter):
         from tensorboardX import SummaryWriter
 
         # purge_step: after a resume, TensorBoard hides what a crashed run logged past it.
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+        # The suffix keeps two writers opened within one second (a quick resume) from sharing
+        # a file name, and keeps their files in the order TensorBoard must read them.
+        self._writer = SummaryWriter(
+            logdir=str(logdir), purge_step=purge_step, flush_secs=30, filename_suffix=f".{time.time_ns()}"
+        )
         self.samples_dir = samples_dir
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:

@@ -1,0 +1,140 @@
+"""The `dcgan` command end to end, each run in a fresh process as a user would start it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, small_config
+from tests.helpers import dcgan, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_dry_run_of_the_shipped_config(tmp_path: Path):
+    result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = result.stdout
+    for fragment in ("dry run: OK", "digits: 1,797 images 32x32x1", "step time", "images/s", "peak memory",
+                     "tensors identical", "2,000 steps, ETA"):  # fmt: skip
+        assert fragment in report, f"{fragment!r} missing from the report:\n{report}"
+    scratch = tmp_path / "runs" / "dryrun-dryrun"
+    checkpoint = scratch / "checkpoints" / "step-00000012"
+    assert json.loads((checkpoint / "manifest.json").read_text())["step"] == 12
+    assert list((scratch / "tb").glob("events.out.tfevents.*"))
+    assert Image.open(scratch / "samples" / "step-00000012.png").size[0] > 32
+    assert not (tmp_path / "runs" / "dryrun").exists(), "a dry run must not touch the real run"
+
+    again = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "prepared" not in again.stderr  # the shards of the first run are reused
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--set", "train.steps=-5"], "train.steps: Input should be greater than 0 (got -5)"),
+        (["--set", "data.image_size=40"], "data.image_size"),
+        (["--set", "checkpoint.keep=1"], "checkpoint.keep"),
+        (["--set", "model.widht=3"], "model.widht: unknown field"),
+    ],
+)
+def test_bad_config_exits_2_before_writing_anything(tmp_path: Path, args, fragment):
+    result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing may be written on a config error"
+
+
+def _train(tmp_path: Path, cfg, *extra: str):
+    return dcgan("train", "--config", write_config(tmp_path / f"{cfg.run.name}.yaml", cfg), *extra, cwd=tmp_path)
+
+
+def test_sample_grid_and_separate_images(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 4})
+    assert _train(tmp_path, cfg).returncode == 0
+    checkpoint = cfg.run_dir / "checkpoints" / "step-00000004"
+    grid = tmp_path / "grid.png"
+    result = dcgan("sample", "--checkpoint", checkpoint, "--num", "9", "--out", grid, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(grid).size == (3 * 34 + 2, 3 * 34 + 2)  # 3x3 grid of 32 px with 2 px padding
+    again = tmp_path / "again.png"
+    assert dcgan("sample", "--checkpoint", checkpoint, "--num", "9", "--out", again, cwd=tmp_path).returncode == 0
+    assert grid.read_bytes() == again.read_bytes()  # same seed, same images
+
+    out_dir = tmp_path / "separate"
+    result = dcgan("sample", "--checkpoint", checkpoint, "--num", "5", "--out", out_dir, "--separate", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    files = sorted(out_dir.glob("*.png"))
+    assert len(files) == 5 and all(Image.open(f).size == (32, 32) for f in files)
+
+    missing = dcgan("sample", "--checkpoint", tmp_path / "nowhere", "--out", grid, cwd=tmp_path)
+    assert missing.returncode == 2 and "no manifest.json" in missing.stderr
+
+
+def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 8, "lr": 1e30})
+    result = _train(tmp_path, cfg)
+    assert result.returncode == 1
+    assert "non-finite loss or gradient in steps 1..2" in result.stderr
+    assert not list((cfg.run_dir / "checkpoints").glob("step-*"))
+
+
+def test_resume_fresh_explicit_and_fallback(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 8})
+    first = _train(tmp_path, cfg)
+    assert first.returncode == 0, first.stderr
+    checkpoints = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004", "step-00000008"]
+
+    # A corrupt newest checkpoint: warned about by name, the previous one is used.
+    payload = checkpoints / "step-00000008" / "generator.pt"
+    damaged = bytearray(payload.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    payload.write_bytes(bytes(damaged))
+    cfg.train.steps = 10
+    resumed = _train(tmp_path, cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping checkpoint" in resumed.stderr and "step-00000008" in resumed.stderr
+    assert f"resuming from {checkpoints / 'step-00000004'} (step 4)" in resumed.stderr
+
+    # --resume picks a checkpoint explicitly (keep=2 left steps 8 and 10 by now).
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008", "step-00000010"]
+    explicit = _train(tmp_path, cfg, "--resume", str(checkpoints / "step-00000008"))
+    assert explicit.returncode == 0 and "(step 8)" in explicit.stderr
+
+    # A different model is a clear error, not a crash inside load_state_dict.
+    other = cfg.model_copy(deep=True)
+    other.model.ngf = 16
+    mismatch = _train(tmp_path, other)
+    assert mismatch.returncode == 2
+    assert "model.ngf: checkpoint has 8, config asks for 16" in mismatch.stderr
+
+    # --fresh starts over and keeps the previous run beside the new one.
+    fresh = _train(tmp_path, cfg, "--fresh")
+    assert fresh.returncode == 0 and "resuming" not in fresh.stderr
+    kept = list(cfg.run.dir.glob(f"{cfg.run.name}.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "checkpoints" / "step-00000010" / "manifest.json").is_file()
+
+
+def test_prepare_reports_skipped_files(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.new("RGB", (40, 30), (index * 60, 10, 10)).save(images / f"ok{index}.png")
+    (images / "broken.jpg").write_text("not an image")
+    cfg = small_config(tmp_path, data={"source": "folder", "root": str(images), "channels": 3})
+    config_file = write_config(tmp_path / "folder.yaml", cfg)
+    result = dcgan("prepare", "--config", config_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "prepared 3 images (32, 32, 3)" in result.stdout and "skipped broken.jpg" in result.stdout
+    again = dcgan("prepare", "--config", config_file, cwd=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert dcgan("prepare", "--config", config_file, "--force", cwd=tmp_path).returncode == 0
+
+    empty = small_config(tmp_path, data={"source": "folder", "root": str(tmp_path / "none"), "prepared_dir": str(tmp_path / "p2")})
+    failed = dcgan("prepare", "--config", write_config(tmp_path / "empty.yaml", empty), cwd=tmp_path)
+    assert failed.returncode == 2 and "is not a directory" in failed.stderr
