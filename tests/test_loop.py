@@ -1,0 +1,53 @@
+"""The framework-free loop over the real torch backend: cadence and the non-finite guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.backends.base import NonFiniteError
+from pipeline.loop import every
+from pipeline.session import TrainingSession
+from tests.conftest import small_config
+
+
+def test_every():
+    assert [s for s in range(1, 11) if every(s, 3)] == [3, 6, 9]
+    assert not any(every(s, 0) for s in range(1, 5))
+
+
+def test_run_ends_at_the_configured_step_with_checkpoints_at_cadence(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 6}, checkpoint={"every": 4, "keep": 3})
+    with TrainingSession(cfg) as session:
+        summary = session.run()
+    assert (summary.start_step, summary.end_step) == (0, 6)
+    assert [p.name for p in summary.checkpoints] == ["step-00000004", "step-00000006"]
+    assert set(summary.last_metrics) >= {"loss/d", "loss/g", "d/real", "d/fake", "perf/images_per_sec"}
+    assert "nonfinite" not in summary.last_metrics
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 8}, logging={"every": 2})
+    with TrainingSession(cfg) as session:
+        backend = session.backend
+        with torch.no_grad():
+            backend.netG.main[0].weight[0, 0, 0, 0] = float("nan")  # G now emits NaN images
+        d_before = {k: v.detach().clone() for k, v in backend.netD.named_parameters()}
+        with pytest.raises(NonFiniteError, match=r"steps 1\.\.2: .* no checkpoint was written"):
+            session.run()
+        # D's loss was NaN in both steps: neither update was applied.
+        for name, value in backend.netD.named_parameters():
+            assert torch.equal(value, d_before[name]), f"{name} was updated by a non-finite step"
+        assert all(int(s["step"]) == 0 for s in backend.optD.state.values())
+    assert not list((cfg.run_dir / "checkpoints").glob("step-*"))
+
+
+def test_a_finite_step_does_update(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": 1})
+    with TrainingSession(cfg) as session:
+        before = session.backend.netD.main[0].weight.clone()
+        session.run()
+        assert not torch.equal(before, session.backend.netD.main[0].weight)
+        assert all(int(s["step"]) == 1 for s in session.backend.optD.state.values())
