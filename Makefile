@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install only when the project's dependencies change; the stamp records that.
 STAMP := $(VENV)/.installed
 
-.PHONY: dryrun test install clean
+.PHONY: dryrun test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ dryrun: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/feed.py
 
 clean:
 	rm -rf runs data/prepared .pytest_cache

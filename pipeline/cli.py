@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG, or a directory with --separate")
     sample.add_argument("--separate", action="store_true", help="one PNG per image in the --out directory")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
     return parser
 
 

@@ -51,3 +51,28 @@ def test_a_finite_step_does_update(tmp_path: Path):
         session.run()
         assert not torch.equal(before, session.backend.netD.main[0].weight)
         assert all(int(s["step"]) == 1 for s in session.backend.optD.state.values())
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_log_lines_otherwise(caplog):
+    import io
+
+    from rich.console import Console
+
+    from pipeline.progress import BarProgress, LogProgress, Progress, make_progress
+
+    terminal = io.StringIO()
+    bar = make_progress(True, Console(file=terminal, force_terminal=True, width=120))
+    assert isinstance(bar, BarProgress)
+    bar.start(10, 0)
+    bar.update(5, {"loss/d": 0.5, "loss/g": 2.0, "perf/images_per_sec": 123.0})
+    bar.close()
+    assert "5/10" in terminal.getvalue() and "loss_D 0.5000" in terminal.getvalue()
+
+    plain = make_progress(True, Console(file=io.StringIO(), force_terminal=False))
+    assert isinstance(plain, LogProgress)
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        plain.start(10, 0)
+        plain.update(5, {"loss/d": 0.5})
+    assert "step 5/10  loss_D 0.5000" in caplog.text
+
+    assert type(make_progress(False)) is Progress  # non-chief ranks print nothing

@@ -136,6 +136,7 @@ class TorchBackend:
             RNG_FILE: {
                 "noise": self.noise.get_state(),
                 "torch_cpu": torch.get_rng_state(),
+                **({"torch_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
                 "fixed_noise": self.fixed_noise,
             },
         }
@@ -164,6 +165,8 @@ class TorchBackend:
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
         self.noise.set_state(rng["noise"])
         torch.set_rng_state(rng["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.fixed_noise = rng["fixed_noise"].to(self.device)
 
     def fingerprint(self) -> dict[str, str]:
