@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.data.shards import fsync_dir, sha256_file, write_json_durably
+from pipeline.durable import fsync_dir, sha256_file, write_json_durably
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from pipeline.config import DataSection
 from pipeline.data import sources
-from pipeline.data.shards import FORMAT, MANIFEST, ShardWriter, fsync_dir, read_manifest, write_json_durably
+from pipeline.data.shards import FORMAT, MANIFEST, ShardWriter, read_manifest
+from pipeline.durable import fsync_dir, write_json_durably
 from pipeline.data.sources import DataError
 
 log = logging.getLogger(__name__)
