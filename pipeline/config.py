@@ -130,13 +130,21 @@ class Config(_Section):
 # Loading and overrides
 
 
+def _allowed_fields(section_path: tuple) -> list[str]:
+    """Field names of the config section at `section_path` (() = the top level)."""
+    model: type[BaseModel] = Config
+    for part in section_path:
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"]) or "<root>"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; allowed fields are listed in pipeline/config.py)"
+            message = f"unknown field; allowed: {', '.join(_allowed_fields(item['loc'][:-1]))}"
         value = item.get("input")
         if item["type"] == "missing" or (isinstance(value, dict) and not item["type"].endswith("_type")):
             shown = ""  # the field is absent, or the message is about a whole section
@@ -203,7 +211,7 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
     for text in overrides:
         apply_override(raw, *parse_override(text))
     if overrides:
-        source += " with --set " + " ".join(overrides)
+        source += " with " + " ".join(f"--set {text}" for text in overrides)
     return validate(raw, source)
 
 

@@ -50,8 +50,8 @@ def _write(tmp_path: Path, raw) -> Path:
 # (config content, overrides, fragments every one of which the message must contain)
 BAD = [
     ({"train": {"steps": 0}}, [], ["train.steps", "greater than 0", "got 0"]),
-    ({"train": {"stpes": 10}}, [], ["train.stpes", "unknown field"]),
-    ({"trian": {"steps": 10}}, [], ["trian", "unknown field"]),
+    ({"train": {"stpes": 10}}, [], ["train.stpes", "unknown field; allowed: steps, global_batch_size"]),
+    ({"trian": {"steps": 10}}, [], ["trian", "unknown field; allowed: run, backend, data"]),
     ({"backend": "jax"}, [], ["backend", "'torch'", "got 'jax'"]),
     ({"data": {"image_size": 48}}, [], ["data.image_size", "32", "64", "128", "got 48"]),
     ({"data": {"channels": 2}}, [], ["data.channels", "got 2"]),
@@ -72,7 +72,7 @@ BAD = [
     ({}, ["train.steps"], ["train.steps", "expected section.key=value"]),
     ({}, ["train.steps.x=1"], ["train.steps", "valid integer", "got a section"]),
     ({"train": {"steps": 5}}, ["train.steps.x=1"], ["train.steps", "is a value, not a section"]),
-    ({}, ["model.depth=3"], ["model.depth", "unknown field"]),
+    ({}, ["model.depth=3"], ["model.depth", "unknown field; allowed: nz, ngf, ndf"]),
 ]
 
 

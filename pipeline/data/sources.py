@@ -32,7 +32,7 @@ class DataError(RuntimeError):
 def describe(cfg: DataSection) -> dict:
     """What the shards are made from; a prepared directory is reused only when this matches."""
     info: dict = {"source": cfg.source, "image_size": cfg.image_size, "channels": cfg.channels}
-    if cfg.root is not None and cfg.source != "digits" and cfg.source != "synthetic":
+    if cfg.root is not None and cfg.source not in ("digits", "synthetic"):
         info["root"] = str(Path(cfg.root).resolve())
     if cfg.max_images is not None:
         info["max_images"] = cfg.max_images
