@@ -64,6 +64,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from pipeline.dryrun import DEFAULT_STEPS, dry_run, print_report
 
+        if args.fresh or args.resume:
+            raise ConfigError("--dry-run always starts fresh in its own <run>-dryrun directory; drop --fresh / --resume")
+
         steps = args.dry_run_steps or DEFAULT_STEPS
         if steps < 1:
             raise ConfigError(f"--dry-run-steps must be >= 1, got {steps}")
