@@ -100,8 +100,9 @@ def _fsync_tree(directory: Path) -> None:
 class CheckpointManager:
     """Writes, retains and discovers the checkpoints of one run."""
 
-    def __init__(self, directory: Path, keep: int):
-        assert keep >= 2, "keep >= 2 is enforced by the config"
+    def __init__(self, directory: Path, keep: Optional[int]):
+        """keep=None: never delete complete checkpoints (retention is someone else's, e.g. Ray's)."""
+        assert keep is None or keep >= 2, "keep >= 2 is enforced by the config"
         self.directory = Path(directory)
         self.keep = keep
 
@@ -150,7 +151,7 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name, reverse=True)
 
     def _prune(self) -> None:
-        for old in self.complete_steps()[self.keep :]:
+        for old in self.complete_steps()[self.keep :] if self.keep is not None else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.directory.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)

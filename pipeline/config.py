@@ -68,6 +68,9 @@ class ModelSection(_Section):
     nz: int = Field(100, gt=0, description="Length of the latent vector z.")
     ngf: int = Field(64, gt=0, description="Generator width: channels of its last hidden layer.")
     ndf: int = Field(64, gt=0, description="Discriminator width: channels of its first layer.")
+    sync_batchnorm: bool = Field(
+        False, description="BatchNorm statistics over the global batch instead of each rank's slice."
+    )
 
 
 class TrainSection(_Section):
@@ -78,6 +81,9 @@ class TrainSection(_Section):
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     seed: int = Field(0, ge=0, description="Seeds init, data shuffle (shared) and noise (per rank).")
     amp: bool = Field(False, description="float16 autocast with a GradScaler (meant for CUDA).")
+    max_failures: int = Field(
+        0, ge=0, description="Ray runner: restarts of the worker group from the last checkpoint before giving up."
+    )
 
     @field_validator("lr")
     @classmethod
@@ -100,9 +106,24 @@ class LoggingSection(_Section):
     num_samples: int = Field(64, gt=0, le=1024, description="Images in the fixed-noise grid.")
 
 
+class ScalingSection(_Section):
+    num_workers: int = Field(1, gt=0, description="Data-parallel ranks (Ray workers); the local runner runs one.")
+    use_gpu: bool = Field(False, description="Ray runner: one GPU per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="Ray runner: CPUs reserved (and torch threads) per worker.")
+
+
 class RuntimeSection(_Section):
-    runner: Literal["local"] = Field("local", description="local = in-process training.")
+    runner: Literal["local", "ray"] = Field(
+        "local", description="local = one in-process rank (debugging, profiling); ray = Ray Train workers."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available.")
+    ray_address: Optional[str] = Field(
+        None, description="Ray cluster to join (e.g. auto, ray://host:10001); none = start a local Ray on 127.0.0.1."
+    )
+    storage_path: Optional[Path] = Field(
+        None,
+        description="Directory holding runs, instead of run.dir; on a multi-node cluster it must be shared storage.",
+    )
 
 
 class Config(_Section):
@@ -113,11 +134,27 @@ class Config(_Section):
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
+    scaling: ScalingSection = ScalingSection()
     runtime: RuntimeSection = RuntimeSection()
+
+    @model_validator(mode="after")
+    def _batch_divides_over_workers(self) -> "Config":
+        batch, workers = self.train.global_batch_size, self.scaling.num_workers
+        if batch % workers:
+            raise ValueError(
+                f"train.global_batch_size={batch} is not divisible by scaling.num_workers={workers}; "
+                "every rank must take an equal slice of the global batch"
+            )
+        return self
+
+    @property
+    def runs_root(self) -> Path:
+        """Parent of the run directory: runtime.storage_path when set, else run.dir."""
+        return self.runtime.storage_path if self.runtime.storage_path is not None else self.run.dir
 
     @property
     def run_dir(self) -> Path:
-        return self.run.dir / self.run.name
+        return self.runs_root / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -152,7 +189,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             shown = " (got a section)"
         else:
             shown = f" (got {value!r})"
-        lines.append(f"  {field}: {message}{shown}")
+        lines.append(f"  {field}: {message}{shown}" if item["loc"] else f"  {message}")
     return "\n".join(lines)
 
 

@@ -20,9 +20,18 @@ class RankContext:
     def is_chief(self) -> bool:
         return self.rank == 0
 
-    def noise_seed(self, seed: int) -> int:
-        """Latent noise differs per rank, or every rank would draw the same fakes."""
-        return int(np.random.SeedSequence([seed, 1, self.rank]).generate_state(1)[0])
+    def batch_slice(self, global_batch_size: int) -> slice:
+        """This rank's rows of a global batch (the data sharder slices the same way)."""
+        local = global_batch_size // self.world_size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+    @staticmethod
+    def step_noise_seed(seed: int, step: int) -> int:
+        """Latent noise is drawn for the whole global batch from (seed, step), and each rank
+        takes its slice: ranks get different noise, and the noise of a step depends on neither
+        the world size nor on whether the run was restarted, so resumes stay exact and N
+        ranks x B/N compute what 1 rank x B does."""
+        return int(np.random.SeedSequence([seed, 1, step]).generate_state(1)[0])
 
     def process_seed(self, seed: int) -> int:
         """For the framework's global RNG, which torch otherwise seeds at random per process."""

@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -27,6 +27,14 @@ from pipeline.images import make_grid
 from pipeline.progress import Progress
 
 TRAINER_STATE_FILE = "trainer.json"
+
+# Called on every rank at every checkpoint step with (step, checkpoint dir on the chief else
+# None, the metrics of the closing log window); a distributed runner hands it to its framework.
+CheckpointHook = Callable[[int, Optional[Path], dict[str, float]], None]
+
+
+def no_checkpoint_hook(step: int, path: Optional[Path], metrics: dict[str, float]) -> None:
+    pass
 
 
 def every(step: int, interval: int) -> bool:
@@ -91,6 +99,7 @@ def run_loop(
     writer: tb.NullWriter,
     progress: Progress,
     total_steps: Optional[int] = None,
+    on_checkpoint: CheckpointHook = no_checkpoint_hook,
 ) -> LoopSummary:
     total = cfg.train.steps if total_steps is None else total_steps
     sharder = EpochSharder(
@@ -103,7 +112,7 @@ def run_loop(
     started = time.perf_counter()
     progress.start(total, state.step)
     for step in range(state.step + 1, total + 1):
-        window.add(backend.train_step(next(batches)))
+        window.add(backend.train_step(next(batches), step))
         last = step == total
         save_now = checkpoints is not None and (every(step, cfg.checkpoint.every) or last)
         log_now = every(step, cfg.logging.every) or save_now or last
@@ -114,7 +123,9 @@ def run_loop(
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
             trainer_state = TrainerState(step=step, position=sharder.position)
-            summary.checkpoints.append(_save(cfg, ctx, backend, checkpoints, trainer_state))
+            path = _save(cfg, ctx, backend, checkpoints, trainer_state)
+            on_checkpoint(step, path, {**summary.last_metrics, "step": step})
+            summary.checkpoints += [path] if path else []
             last_checkpoint_step = step
         if log_now:  # opened after sampling and saving, so step times measure training alone
             window = _Window(step + 1)
@@ -156,7 +167,12 @@ def _save(
     backend: Backend,
     checkpoints: CheckpointManager,
     state: TrainerState,
-) -> Path:
+) -> Optional[Path]:
+    """All ranks synchronize and check their replicas; the chief alone writes."""
+    backend.synchronize_replicas()
+    if not ctx.is_chief:
+        return None
+
     def write_files(directory: Path) -> None:
         backend.save(directory)
         state.write(directory)

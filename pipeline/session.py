@@ -18,7 +18,7 @@ from pipeline.checkpoint import CheckpointError, CheckpointInfo, CheckpointManag
 from pipeline.config import Config, model_mismatch
 from pipeline.context import LOCAL, RankContext
 from pipeline.data import DataError, ShardedImages, ensure_prepared
-from pipeline.loop import LoopSummary, TrainerState, run_loop
+from pipeline.loop import CheckpointHook, LoopSummary, TrainerState, no_checkpoint_hook, run_loop
 from pipeline.progress import Progress, make_progress
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ def move_aside(run_dir: Path) -> Optional[Path]:
 
 
 class TrainingSession:
-    """Everything one rank holds while training; use as a context manager so it always closes."""
+    """Everything one rank holds while training; use as a context manager so it always closes.
+
+    Only the chief writes (run directory, config, events, checkpoints); every rank trains.
+    """
 
     def __init__(
         self,
@@ -74,8 +77,10 @@ class TrainingSession:
         options: StartOptions = StartOptions(),
         run_dir: Optional[Path] = None,
         progress: Optional[Progress] = None,
+        on_checkpoint: CheckpointHook = no_checkpoint_hook,
+        prune_checkpoints: bool = True,
     ):
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx, self.on_checkpoint = cfg, ctx, on_checkpoint
         self.run_dir = Path(run_dir or cfg.run_dir)
         # Everything that can reject the input runs before the first write to the run directory.
         self.images = ShardedImages(ensure_prepared(cfg.data))
@@ -84,19 +89,23 @@ class TrainingSession:
                 f"{self.images.directory} holds {len(self.images)} images, fewer than one global batch "
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        keep = cfg.checkpoint.keep if prune_checkpoints else None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep)
         self.start = select_start(cfg, self.checkpoints, options)
-        if options.fresh:
-            move_aside(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
+        if ctx.is_chief:
+            if options.fresh:
+                move_aside(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
 
         self.backend: Backend = create_backend(cfg, ctx)
         self.state = TrainerState()
         if self.start is not None:
             self.backend.load(self.start.path)
             self.state = TrainerState.read(self.start.path)
-            log.info("resuming from %s (step %d)", self.start.path, self.state.step)
+            saved_world = self.start.manifest.get("world_size", 1)
+            log.info("resuming from %s (step %d, written by %d rank(s), now %d)",
+                     self.start.path, self.state.step, saved_world, ctx.world_size)  # fmt: skip
         self.writer = tb.open_writer(self.run_dir, ctx.is_chief, purge_step=self.state.step + 1 if self.start else None)
         if self.start is None:
             self.writer.hparams(tb.flat_hparams(cfg.to_dict()), {tag: 0.0 for tag in tb.SCALAR_TAGS})
@@ -105,7 +114,7 @@ class TrainingSession:
     def run(self, total_steps: Optional[int] = None) -> LoopSummary:
         return run_loop(
             self.cfg, self.ctx, self.backend, self.images, self.state,
-            self.checkpoints, self.writer, self.progress, total_steps,
+            self.checkpoints, self.writer, self.progress, total_steps, self.on_checkpoint,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -562,8 +562,8 @@ def test_resaving_the_same_step_replaces_it_whole(two_saved: CheckpointManager):
 
 def _train(backend, steps: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        backend.train_step(rng.integers(0, 256, size=(16, 32, 32, 1), dtype=np.uint8))
+    for step in range(1, steps + 1):
+        backend.train_step(rng.integers(0, 256, size=(16, 32, 32, 1), dtype=np.uint8), step)
 
 
 def test_torch_backend_refuses_non_finite_state(tmp_path: Path, ckdir: Path):
@@ -624,7 +624,7 @@ def test_torch_payload_round_trip(tmp_path: Path, ckdir: Path):
     # The restored state trains on identically.
     batch = np.random.default_rng(7).integers(0, 256, size=(16, 32, 32, 1), dtype=np.uint8)
     torch.set_rng_state(torch.load(final / "rng.pt", weights_only=True)["torch_cpu"])
-    backend.train_step(batch)
+    backend.train_step(batch, 3)
     torch.set_rng_state(torch.load(final / "rng.pt", weights_only=True)["torch_cpu"])
-    fresh.train_step(batch)
+    fresh.train_step(batch, 3)
     assert fresh.fingerprint() == backend.fingerprint()

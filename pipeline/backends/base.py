@@ -15,8 +15,8 @@ class NonFiniteError(RuntimeError):
 class Backend(Protocol):
     framework: str  # recorded in every checkpoint manifest
 
-    def train_step(self, batch: np.ndarray) -> Mapping[str, Any]:
-        """One D update then one G update on this rank's uint8 NHWC batch.
+    def train_step(self, batch: np.ndarray, step: int) -> Mapping[str, Any]:
+        """One D update then one G update on this rank's uint8 NHWC batch; `step` counts from 1.
 
         Returns scalars that stay on the device (no host sync): the tags of
         pipeline.tensorboard.SCALAR_TAGS that come from the step, plus "nonfinite", which is
@@ -24,7 +24,13 @@ class Backend(Protocol):
         """
 
     def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """Bring accumulated device scalars to Python floats (the only sync of the loop)."""
+        """Accumulated device scalars as Python floats, averaged over ranks (the loop's only sync).
+
+        Collective: every rank calls it at the same steps."""
+
+    def synchronize_replicas(self) -> None:
+        """Before a checkpoint: make per-rank state (e.g. BatchNorm statistics) agree, then
+        check every replica identical, raising with the first differing tensor. Collective."""
 
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
         """uint8 NHWC images from G in inference mode: the fixed noise, or `num` from `seed`."""

@@ -1,4 +1,4 @@
-"""The PyTorch implementation of the Backend protocol (single process; DDP plugs in here later)."""
+"""The PyTorch implementation of the Backend protocol: one rank, DDP-wrapped when there are several."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.backends.base import NonFiniteError
+from pipeline.backends.torch_backend import distributed
 from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
 from pipeline.config import Config
@@ -27,8 +28,8 @@ class TorchBackend:
     framework = "torch"
 
     def __init__(self, cfg: Config, ctx: RankContext):
-        self.cfg = cfg
-        self.device = pick_device(cfg.runtime.device)
+        self.cfg, self.ctx = cfg, ctx
+        self.device = pick_device(cfg.runtime.device, ctx.local_rank)
         torch.manual_seed(ctx.process_seed(cfg.train.seed))  # restored from checkpoints on resume
         model, train = cfg.model, cfg.train
         self.netG, self.netD = build_models(
@@ -36,6 +37,9 @@ class TorchBackend:
         )
         self.netG.to(self.device)
         self.netD.to(self.device)
+        # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
+        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm)
+        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm)
         # fused=True: the fused kernel can skip a step on the device when told the gradients
         # are not finite (see _step), which keeps the non-finite guard free of host syncs.
         adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
@@ -46,7 +50,7 @@ class TorchBackend:
             torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
         )
         self.bce = nn.BCEWithLogitsLoss()
-        self.noise = torch.Generator(self.device).manual_seed(ctx.noise_seed(train.seed))
+        self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
         self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device)
 
@@ -73,22 +77,30 @@ class TorchBackend:
             del optimizer.grad_scale, optimizer.found_inf
         return bad
 
-    def train_step(self, batch: np.ndarray) -> Mapping[str, Any]:
+    def _noise(self, step: int) -> torch.Tensor:
+        """This rank's slice of the global batch's noise for `step` (see RankContext.step_noise_seed)."""
+        global_batch = self.cfg.train.global_batch_size
+        self.noise.manual_seed(self.ctx.step_noise_seed(self.cfg.train.seed, step))
+        z = torch.randn(global_batch, self.cfg.model.nz, 1, 1, generator=self.noise, device=self.device)
+        return z[self.ctx.batch_slice(global_batch)]
+
+    def train_step(self, batch: np.ndarray, step: int) -> Mapping[str, Any]:
         real = to_device(batch, self.device)
-        z = torch.randn(real.shape[0], self.cfg.model.nz, 1, 1, generator=self.noise, device=self.device)
+        z = self._noise(step)
         with self.autocast:
-            fake = self.netG(z)
-            logits_real = self.netD(real)
-            logits_fake = self.netD(fake.detach())
+            fake = self.trainG(z)
+            logits_real = self.trainD(real)
+            logits_fake = self.trainD(fake.detach())
             loss_d = self.bce(logits_real, torch.ones_like(logits_real)) + self.bce(
                 logits_fake, torch.zeros_like(logits_fake)
             )
         bad_d = self._step(self.optD, loss_d, self.netD.parameters())
 
-        self.netD.requires_grad_(False)  # G's phase needs gradients through D, not for D
+        # G's phase needs gradients through D but not for D: no D gradients, no D all-reduce.
+        self.netD.requires_grad_(False)
         try:
-            with self.autocast:
-                logits_gen = self.netD(fake)
+            with self.autocast, distributed.no_sync(self.trainD):
+                logits_gen = self.trainD(fake)
                 loss_g = self.bce(logits_gen, torch.ones_like(logits_gen))
             bad_g = self._step(self.optG, loss_g, self.netG.parameters())
         finally:
@@ -103,9 +115,21 @@ class TorchBackend:
         }
 
     def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """One all-reduce and one device-to-host copy for all metrics: the mean over ranks."""
         names = list(metrics)
         values = torch.stack([torch.as_tensor(metrics[n], device=self.device).float() for n in names])
+        values = distributed.mean_over_ranks(values, self.ctx.world_size)
         return dict(zip(names, values.cpu().tolist()))
+
+    def synchronize_replicas(self) -> None:
+        """Average BatchNorm statistics over ranks, then prove every replica identical."""
+        distributed.synchronize_buffers((self.netG, self.netD), self.ctx.world_size)
+        shared = {k: v for k, v in self._payload().items() if k != RNG_FILE}  # RNG is per rank
+        mismatch = distributed.first_mismatch(list(_tensors(shared)), self.ctx.world_size)
+        if mismatch is not None:
+            raise distributed.ReplicaMismatchError(
+                f"data-parallel replicas differ before a checkpoint: first differing tensor {mismatch}"
+            )
 
     @torch.no_grad()
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
@@ -134,7 +158,6 @@ class TorchBackend:
                 "scaler": self.scaler.state_dict(),
             },
             RNG_FILE: {
-                "noise": self.noise.get_state(),
                 "torch_cpu": torch.get_rng_state(),
                 **({"torch_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
                 "fixed_noise": self.fixed_noise,
@@ -163,7 +186,6 @@ class TorchBackend:
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(optimizers["scaler"])
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
-        self.noise.set_state(rng["noise"])
         torch.set_rng_state(rng["torch_cpu"])
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
@@ -188,7 +210,8 @@ class TorchBackend:
         return info
 
     def close(self) -> None:
-        pass
+        self.trainG = self.trainD = None  # drop the DDP reducers before the process group goes
+        distributed.release(self.ctx.world_size)
 
 
 def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
