@@ -27,16 +27,18 @@ RNG_FILE = "rng.pt"
 class TorchBackend:
     framework = "torch"
 
-    def __init__(self, cfg: Config, ctx: RankContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: Config, ctx: RankContext, dtype: torch.dtype = torch.float32):
+        """`dtype` of parameters and activations; float64 lets tests check the data-parallel
+        arithmetic exactly, where float32 rounding is amplified by ReLU kinks and Adam."""
+        self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
         self.device = pick_device(cfg.runtime.device, ctx.local_rank)
         torch.manual_seed(ctx.process_seed(cfg.train.seed))  # restored from checkpoints on resume
         model, train = cfg.model, cfg.train
         self.netG, self.netD = build_models(
             model.nz, model.ngf, model.ndf, cfg.data.channels, cfg.data.image_size, ctx.init_seed(train.seed)
         )
-        self.netG.to(self.device)
-        self.netD.to(self.device)
+        self.netG.to(self.device, dtype)
+        self.netD.to(self.device, dtype)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
         self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm)
         self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm)
@@ -52,7 +54,7 @@ class TorchBackend:
         self.bce = nn.BCEWithLogitsLoss()
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
-        self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device)
+        self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device, dtype)
 
     # --- training ------------------------------------------------------------------------
 
@@ -81,11 +83,13 @@ class TorchBackend:
         """This rank's slice of the global batch's noise for `step` (see RankContext.step_noise_seed)."""
         global_batch = self.cfg.train.global_batch_size
         self.noise.manual_seed(self.ctx.step_noise_seed(self.cfg.train.seed, step))
-        z = torch.randn(global_batch, self.cfg.model.nz, 1, 1, generator=self.noise, device=self.device)
+        z = torch.randn(
+            global_batch, self.cfg.model.nz, 1, 1, generator=self.noise, device=self.device, dtype=self.dtype
+        )
         return z[self.ctx.batch_slice(global_batch)]
 
     def train_step(self, batch: np.ndarray, step: int) -> Mapping[str, Any]:
-        real = to_device(batch, self.device)
+        real = to_device(batch, self.device, self.dtype)
         z = self._noise(step)
         with self.autocast:
             fake = self.trainG(z)
@@ -137,7 +141,7 @@ class TorchBackend:
             z = self.fixed_noise
         else:
             generator = torch.Generator().manual_seed(seed or 0)
-            z = torch.randn(num or len(self.fixed_noise), self.cfg.model.nz, 1, 1, generator=generator)
+            z = torch.randn(num or len(self.fixed_noise), self.cfg.model.nz, 1, 1, generator=generator, dtype=self.dtype)
         was_training = self.netG.training
         self.netG.eval()  # running BatchNorm statistics: sampling must not change the state
         try:

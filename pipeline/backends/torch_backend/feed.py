@@ -18,12 +18,12 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def to_device(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(batch: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     pixels = torch.from_numpy(np.ascontiguousarray(batch))
     if device.type == "cuda":
         pixels = pixels.pin_memory()
     pixels = pixels.to(device, non_blocking=True)
-    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return pixels.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0).contiguous()
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
