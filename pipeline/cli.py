@@ -16,6 +16,7 @@ from pipeline.backends.base import NonFiniteError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.ray_runner import RunFailed  # ray itself is imported only when the runner is used
 
 log = logging.getLogger("dcgan")
 
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train (resumes automatically from the run directory)")
     _add_config_args(train)
     train.add_argument("--dry-run", action="store_true", help="a few steps in <run>-dryrun, a checkpoint round trip, a report")
+    train.add_argument(
+        "--runner", choices=["local", "ray"],
+        help="override runtime.runner: local = one in-process rank (debugging, profiling), ray = Ray Train",
+    )  # fmt: skip
     train.add_argument("--dry-run-steps", type=int, default=None, metavar="N", help="steps of the dry run (default 12)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--fresh", action="store_true", help="do not resume; the previous run directory is moved aside")
@@ -58,25 +63,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline import config
-    from pipeline.session import StartOptions, TrainingSession
+    from pipeline.dryrun import DEFAULT_STEPS, print_report
+    from pipeline.session import StartOptions
 
-    cfg = config.load(args.config, args.overrides)
+    overrides = args.overrides + ([f"runtime.runner={args.runner}"] if args.runner else [])
+    cfg = config.load(args.config, overrides)
+    dry_run_steps = None
     if args.dry_run:
-        from pipeline.dryrun import DEFAULT_STEPS, dry_run, print_report
-
         if args.fresh or args.resume:
             raise ConfigError("--dry-run always starts fresh in its own <run>-dryrun directory; drop --fresh / --resume")
-
-        steps = args.dry_run_steps or DEFAULT_STEPS
-        if steps < 1:
-            raise ConfigError(f"--dry-run-steps must be >= 1, got {steps}")
-        print_report(dry_run(cfg, steps))
-        return 0
+        dry_run_steps = args.dry_run_steps or DEFAULT_STEPS
+        if dry_run_steps < 1:
+            raise ConfigError(f"--dry-run-steps must be >= 1, got {dry_run_steps}")
     options = StartOptions(fresh=args.fresh, resume=args.resume)
+    if cfg.runtime.runner == "ray":
+        from pipeline import ray_runner
+
+        result = ray_runner.run(cfg, options, dry_run_steps)
+    else:
+        result = _train_in_process(cfg, options, dry_run_steps)
+    if dry_run_steps is not None:
+        print_report(result)
+    else:
+        log.info("finished at step %s; run directory %s", result.get("step"), cfg.run_dir)
+    return 0
+
+
+def _train_in_process(cfg, options, dry_run_steps: Optional[int]) -> dict:
+    """The local runner: one rank in this process, for dry runs, debugging and profiling."""
+    import shutil
+
+    from pipeline.dryrun import dry_run, scratch_dir
+    from pipeline.session import TrainingSession
+
+    if cfg.scaling.num_workers > 1:
+        log.info("runner local: one rank computes the whole global batch of %d", cfg.train.global_batch_size)
+    if dry_run_steps is not None:
+        shutil.rmtree(scratch_dir(cfg), ignore_errors=True)
+        return dry_run(cfg, steps=dry_run_steps)
     with TrainingSession(cfg, options=options) as session:
         summary = session.run()
-    log.info("finished at step %d; checkpoints in %s", summary.end_step, session.checkpoints.directory)
-    return 0
+    return {**summary.last_metrics, "step": summary.end_step}
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -131,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFiniteError as err:
+    except (NonFiniteError, RunFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_dry_run_of_the_shipped_config(tmp_path: Path):
+    # configs/dryrun.yaml goes through Ray Train (a local Ray on 127.0.0.1), one worker.
     result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = result.stdout
-    for fragment in ("dry run: OK", "digits: 1,797 images 32x32x1", "step time", "images/s", "peak memory",
-                     "tensors identical", "2,000 steps, ETA"):  # fmt: skip
+    for fragment in ("dry run: OK", "on cpu, 1 rank(s)", "digits: 1,797 images 32x32x1", "step time", "images/s",
+                     "peak memory", "tensors identical", "2,000 steps, ETA"):  # fmt: skip
         assert fragment in report, f"{fragment!r} missing from the report:\n{report}"
+    assert "RayTrainWorker" in result.stderr, "the dry run must have run in a Ray Train worker"
     scratch = tmp_path / "runs" / "dryrun-dryrun"
     checkpoint = scratch / "checkpoints" / "step-00000012"
     assert json.loads((checkpoint / "manifest.json").read_text())["step"] == 12
@@ -28,8 +30,9 @@ def test_dry_run_of_the_shipped_config(tmp_path: Path):
     assert Image.open(scratch / "samples" / "step-00000012.png").size[0] > 32
     assert not (tmp_path / "runs" / "dryrun").exists(), "a dry run must not touch the real run"
 
-    again = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path)
+    again = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", "--runner", "local", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    assert "RayTrainWorker" not in again.stderr and "dry run: OK" in again.stdout
     assert "prepared" not in again.stderr  # the shards of the first run are reused
 
 
