@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A Ray head on this machine, on loopback, with token auth: something to submit jobs to.
+#   launch/head.sh start [--num-cpus N]     prints the Jobs API address
+#   launch/head.sh stop
+# Ports: RAY_PORT (GCS, default 6379), DASHBOARD_PORT (dashboard + Jobs API, default 8265).
+# The token lives in ~/.ray/auth_token (created if missing); clients get it the same way,
+# or from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH. Auth is never turned off.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+ray=${RAY:-$root/.venv/bin/ray}
+[[ -x $ray ]] || ray=$(command -v ray) || { echo "ray not found: run 'make install' first" >&2; exit 2; }
+export RAY_AUTH_MODE=token  # a CLI-started head does not enable it by itself (DESIGN.md, traps)
+export PATH="$(dirname "$ray"):$PATH"  # jobs' `python` is the one beside this ray (the project's venv)
+
+case ${1:-} in
+  start)
+    shift
+    num_cpus=()
+    [[ ${1:-} == --num-cpus ]] && num_cpus=(--num-cpus "$2")
+    "$ray" get-auth-token --generate >/dev/null
+    "$ray" start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
+      --port="${RAY_PORT:-6379}" --dashboard-port="${DASHBOARD_PORT:-8265}" "${num_cpus[@]}" \
+      --disable-usage-stats >&2
+    echo "http://127.0.0.1:${DASHBOARD_PORT:-8265}"
+    ;;
+  stop)
+    "$ray" stop --force >&2
+    ;;
+  *)
+    echo "usage: $0 start [--num-cpus N] | stop" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Submit a training run to an existing Ray cluster through the Ray Jobs API, stream its logs,
+# and exit with the job's status (0 succeeded, non-zero failed or stopped).
+#   launch/submit.sh CONFIG [--address URL] [--storage DIR] [-- extra `dcgan train` arguments]
+# URL: the cluster's dashboard / Jobs API (default $RAY_ADDRESS, else http://127.0.0.1:8265).
+# DIR: where runs live, as the cluster's nodes see it; it must be shared storage (NFS, a PVC)
+#      on a multi-node cluster (default: runtime.storage_path / run.dir of the config).
+# CONFIG: a path inside this repository (uploaded with it) or an absolute path the cluster sees.
+# Re-submitting the same config resumes the run; a new run.name (--set run.name=x) starts fresh.
+# Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+ray=${RAY:-$root/.venv/bin/ray}
+[[ -x $ray ]] || ray=$(command -v ray) || { echo "ray not found: run 'make install' first" >&2; exit 2; }
+
+usage() { echo "usage: $0 CONFIG [--address URL] [--storage DIR] [-- dcgan train args...]" >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+config=$1; shift
+address=${RAY_ADDRESS:-http://127.0.0.1:8265}
+overrides=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --address) address=$2; shift 2 ;;
+    --storage) overrides+=(--set "runtime.storage_path=$2"); shift 2 ;;
+    --) shift; break ;;
+    *) usage ;;
+  esac
+done
+if [[ $config != /* ]]; then  # relative to the uploaded repository
+  [[ -f $root/$config ]] || { echo "no config file $root/$config" >&2; exit 2; }
+fi
+
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+runtime_env=$(printf '{"working_dir": "%s", "excludes": ["/.venv/", "/runs/", "/data/", "/.git/", "*.egg-info/", "__pycache__/"]}' "$root")
+# The job is the same entrypoint as a local run, pointed at the cluster it runs on.
+exec "$ray" job submit --address "$address" --runtime-env-json "$runtime_env" -- \
+  python -m pipeline train --config "$config" --set runtime.runner=ray --set runtime.ray_address=auto \
+  "${overrides[@]}" "$@"
