@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/feed.py
+	$(BIN)/python bench/ray_scaling.py
 
 clean:
 	rm -rf runs data/prepared .pytest_cache

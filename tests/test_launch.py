@@ -73,3 +73,20 @@ def test_the_head_refuses_a_client_without_its_token(head):
     token_ok = subprocess.run([RAY_CLI, "job", "list", "--address", address],
                               env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert token_ok.returncode == 0, token_ok.stderr
+
+
+def test_cluster_launcher_config_validates_against_rays_schema():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+    import yaml
+
+    config = yaml.safe_load((ROOT / "launch/cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    gpu_types = [name for name, t in config["available_node_types"].items() if t["resources"].get("GPU")]
+    assert gpu_types, "the cluster needs a GPU worker type"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
