@@ -95,7 +95,7 @@ def run_loop(
     backend: Backend,
     images: ShardedImages,
     state: TrainerState,
-    checkpoints: Optional[CheckpointManager],
+    checkpoints: CheckpointManager,
     writer: tb.NullWriter,
     progress: Progress,
     total_steps: Optional[int] = None,
@@ -114,7 +114,7 @@ def run_loop(
     for step in range(state.step + 1, total + 1):
         window.add(backend.train_step(next(batches), step))
         last = step == total
-        save_now = checkpoints is not None and (every(step, cfg.checkpoint.every) or last)
+        save_now = every(step, cfg.checkpoint.every) or last
         log_now = every(step, cfg.logging.every) or save_now or last
         if log_now:
             summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
