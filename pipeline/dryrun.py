@@ -106,7 +106,8 @@ def _mib(value: float) -> str:
 
 
 def print_report(report: dict[str, Any], console: Optional[Console] = None) -> None:
-    console = console or Console(file=sys.stdout)
+    # Piped into a log, lines need not fit 80 columns: keep each row (and path) on one line.
+    console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
     info = report["backend"]
     params = info["parameters"]
     memory = f"host {_mib(report['peak_host_memory_bytes'])} (max RSS)"
@@ -114,6 +115,8 @@ def print_report(report: dict[str, Any], console: Optional[Console] = None) -> N
         memory += f", device {_mib(info['peak_device_memory_bytes'])}"
     ranks = report["world_size"]
     table = Table(title="dry run: OK", show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths wrap whole instead of being cut short
     rows = [
         ("backend", f"{info['framework']} on {info.get('device_name', info['device'])}, {ranks} rank(s)"),
         ("data", report["data"]),

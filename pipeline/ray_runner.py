@@ -162,7 +162,9 @@ def _report(step: int, path: Optional[Path], metrics: dict[str, float]) -> None:
 def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our progress lines at INFO; Ray's own loggers keep their levels.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     context = ray.train.get_context()
     ctx = RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size())
     cfg = config.validate(loop_config["config"], "the driver's resolved config")
