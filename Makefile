@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[torch,ray,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,tf,ray,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -17,8 +17,10 @@ install: $(STAMP)
 dryrun: $(STAMP)
 	$(BIN)/dcgan train --config configs/dryrun.yaml --dry-run
 
+# Two processes: torch and TensorFlow never share one (DESIGN.md, traps).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/tf $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/feed.py

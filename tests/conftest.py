@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+TF_TESTS = ROOT / "tests" / "tf"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/tf runs in a pytest process of its own (`make test` runs it second): torch and
+    TensorFlow must not share a process. It is collected only when named on the command line."""
+    path = Path(collection_path).resolve()
+    if path != TF_TESTS and TF_TESTS not in path.parents:
+        return None
+    asked = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    return not any(a == TF_TESTS or TF_TESTS in a.parents for a in asked)
+
+
 def small_config(tmp_path: Path, **sections) -> config.Config:
     """A tiny, fast config rooted in tmp_path; keyword sections override the defaults."""
     raw = {

@@ -1,0 +1,8 @@
+"""TensorFlow tests run in their own pytest process (`make test` runs `pytest tests/tf` after the
+rest): torch and TensorFlow must never share a process (DESIGN.md, traps). Nothing here imports
+torch; the torch side of a comparison runs in a subprocess."""
+
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("KERAS_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dcgan-keras-home"))
