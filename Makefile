@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make dryrun BACKEND=tensorflow runs the same dry run with the TensorFlow backend.
+BACKEND ?= torch
+DRYRUN_CONFIG := $(if $(filter tensorflow,$(BACKEND)),configs/dryrun-tf.yaml,configs/dryrun.yaml)
+
 dryrun: $(STAMP)
-	$(BIN)/dcgan train --config configs/dryrun.yaml --dry-run
+	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
 # Two processes: torch and TensorFlow never share one (DESIGN.md, traps).
 test: $(STAMP)

@@ -128,7 +128,9 @@ class RuntimeSection(_Section):
 
 class Config(_Section):
     run: RunSection = RunSection()
-    backend: Literal["torch"] = Field("torch", description="Training framework.")
+    backend: Literal["torch", "tensorflow"] = Field(
+        "torch", description="Training framework: torch (DistributedDataParallel) or tensorflow (tf.distribute)."
+    )
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()

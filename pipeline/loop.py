@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
 
 from pipeline import tensorboard as tb
 from pipeline.backends.base import Backend, NonFiniteError
@@ -105,7 +105,7 @@ def run_loop(
     sharder = EpochSharder(
         len(images), cfg.train.global_batch_size, cfg.train.seed, ctx.rank, ctx.world_size, state.position
     )
-    batches: Iterator[np.ndarray] = (images.gather(indices) for indices in sharder)
+    batches = backend.batches(images, sharder)
     summary = LoopSummary(start_step=state.step, end_step=state.step)
     window = _Window(state.step + 1)
     last_checkpoint_step = state.step
@@ -122,7 +122,7 @@ def run_loop(
         if every(step, cfg.logging.samples_every) or last:
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
-            trainer_state = TrainerState(step=step, position=sharder.position)
+            trainer_state = TrainerState(step=step, position=sharder.position_after(state.position, step - state.step))
             path = _save(cfg, ctx, backend, checkpoints, trainer_state)
             on_checkpoint(step, path, {**summary.last_metrics, "step": step})
             summary.checkpoints += [path] if path else []
@@ -168,9 +168,12 @@ def _save(
     checkpoints: CheckpointManager,
     state: TrainerState,
 ) -> Optional[Path]:
-    """All ranks synchronize and check their replicas; the chief alone writes."""
+    """All ranks synchronize and check their replicas; the chief alone writes a checkpoint."""
     backend.synchronize_replicas()
     if not ctx.is_chief:
+        if backend.save_is_collective:  # e.g. MultiWorkerMirroredStrategy: a save every worker joins
+            with tempfile.TemporaryDirectory(prefix="dcgan-save-") as scratch:
+                backend.save(Path(scratch))
         return None
 
     def write_files(directory: Path) -> None:

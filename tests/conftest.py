@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Keep every test on CPU and deterministic in thread count, whatever the machine has.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# TensorBoard's EventAccumulator imports TensorFlow when it is installed, which must not happen
+# in a process that runs torch (DESIGN.md, traps); this marker module makes it use its stub.
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 TF_TESTS = ROOT / "tests" / "tf"

@@ -52,7 +52,7 @@ BAD = [
     ({"train": {"steps": 0}}, [], ["train.steps", "greater than 0", "got 0"]),
     ({"train": {"stpes": 10}}, [], ["train.stpes", "unknown field; allowed: steps, global_batch_size"]),
     ({"trian": {"steps": 10}}, [], ["trian", "unknown field; allowed: run, backend, data"]),
-    ({"backend": "jax"}, [], ["backend", "'torch'", "got 'jax'"]),
+    ({"backend": "jax"}, [], ["backend", "'torch' or 'tensorflow'", "got 'jax'"]),
     ({"data": {"image_size": 48}}, [], ["data.image_size", "32", "64", "128", "got 48"]),
     ({"data": {"channels": 2}}, [], ["data.channels", "got 2"]),
     ({"data": {"source": "folder"}}, [], ["data.root is required", "folder"]),

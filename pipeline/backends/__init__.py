@@ -15,6 +15,10 @@ def create_backend(cfg: Config, ctx: RankContext) -> Backend:
         from pipeline.backends.torch_backend import TorchBackend
 
         return TorchBackend(cfg, ctx)
+    if cfg.backend == "tensorflow":
+        from pipeline.backends.tf_backend.backend import TFBackend
+
+        return TFBackend(cfg, ctx)
     raise AssertionError(f"config validation admits no backend {cfg.backend!r}")
 
 

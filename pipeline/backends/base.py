@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
+
+from pipeline.data.sharding import EpochSharder
+from pipeline.data.shards import ShardedImages
 
 
 class NonFiniteError(RuntimeError):
@@ -14,9 +17,13 @@ class NonFiniteError(RuntimeError):
 
 class Backend(Protocol):
     framework: str  # recorded in every checkpoint manifest
+    save_is_collective: bool  # every rank must call save() (non-chief ranks into a throw-away dir)
 
-    def train_step(self, batch: np.ndarray, step: int) -> Mapping[str, Any]:
-        """One D update then one G update on this rank's uint8 NHWC batch; `step` counts from 1.
+    def batches(self, images: ShardedImages, sharder: EpochSharder) -> Iterator[Any]:
+        """Never-ending batches of this rank's images, in the form train_step takes."""
+
+    def train_step(self, batch: Any, step: int) -> Mapping[str, Any]:
+        """One D update then one G update on this rank's batch of uint8 images; `step` counts from 1.
 
         Returns scalars that stay on the device (no host sync): the tags of
         pipeline.tensorboard.SCALAR_TAGS that come from the step, plus "nonfinite", which is

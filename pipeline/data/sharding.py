@@ -60,6 +60,14 @@ class EpochSharder:
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
+    def position_after(self, start: DataPosition, batches: int) -> DataPosition:
+        """Where reading resumes once `batches` global batches past `start` are consumed.
+
+        Computed, not read from the iterator: a prefetching input pipeline runs ahead of the
+        step that is being checkpointed."""
+        total = start.epoch * self.steps_per_epoch + min(start.step_in_epoch, self.steps_per_epoch) + batches
+        return DataPosition(*divmod(total, self.steps_per_epoch))
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
 

@@ -150,3 +150,11 @@ def test_dataset_smaller_than_one_batch():
 def test_invalid_rank_or_world_size(rank, world_size):
     with pytest.raises(ValueError, match="rank"):
         EpochSharder(64, 8, seed=0, rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("start", [DataPosition(0, 0), DataPosition(2, 5), DataPosition(1, 7)])
+def test_position_after_matches_the_iterator(start):
+    sharder = EpochSharder(100, 12, seed=1, start=start)  # 8 steps per epoch
+    for consumed in range(1, 30):
+        next(sharder)
+        assert sharder.position_after(start, consumed) == sharder.position, consumed

@@ -6,3 +6,10 @@ import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("KERAS_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dcgan-keras-home"))
+
+from pipeline.backends.tf_backend import tf  # noqa: E402
+
+# Two logical CPU devices, so MirroredStrategy has two replicas; this must precede any TF op.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)

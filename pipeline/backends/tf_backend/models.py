@@ -21,9 +21,9 @@ def _conv_init(seed: int) -> keras.initializers.Initializer:
     return keras.initializers.RandomNormal(0.0, 0.02, seed=seed)
 
 
-def _batchnorm(seed: int, name: str) -> layers.BatchNormalization:
+def _batchnorm(seed: int, name: str, synchronized: bool) -> layers.BatchNormalization:
     return layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name, synchronized=synchronized,
         gamma_initializer=keras.initializers.RandomNormal(1.0, 0.02, seed=seed), beta_initializer="zeros",
     )  # fmt: skip
 
@@ -34,7 +34,9 @@ def _num_upsamplings(image_size: int) -> int:
     return int(steps)
 
 
-def build_generator(nz: int, ngf: int, channels: int, image_size: int, seed: int) -> keras.Model:
+def build_generator(
+    nz: int, ngf: int, channels: int, image_size: int, seed: int, synchronized: bool = False
+) -> keras.Model:
     """z (N, nz) -> images (N, size, size, channels) in [-1, 1]."""
     hidden = _num_upsamplings(image_size) - 1
     width = ngf * 2**hidden
@@ -42,18 +44,20 @@ def build_generator(nz: int, ngf: int, channels: int, image_size: int, seed: int
     x = layers.Reshape((1, 1, nz))(z)
     x = layers.Conv2DTranspose(width, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed),
                                name="convt_0")(x)  # fmt: skip
-    x = layers.ReLU()(_batchnorm(seed + 1, "bn_0")(x))
+    x = layers.ReLU()(_batchnorm(seed + 1, "bn_0", synchronized)(x))
     for index in range(1, hidden + 1):
         width //= 2
         x = layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
                                    name=f"convt_{index}")(x)  # fmt: skip
-        x = layers.ReLU()(_batchnorm(seed + 2 * index + 1, f"bn_{index}")(x))
+        x = layers.ReLU()(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
     x = layers.Conv2DTranspose(channels, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 99),
                                name=f"convt_{hidden + 1}")(x)  # fmt: skip
     return keras.Model(z, layers.Activation("tanh")(x), name="generator")
 
 
-def build_discriminator(ndf: int, channels: int, image_size: int, seed: int) -> keras.Model:
+def build_discriminator(
+    ndf: int, channels: int, image_size: int, seed: int, synchronized: bool = False
+) -> keras.Model:
     """images (N, size, size, channels) -> logits (N,). No BatchNorm on the first layer."""
     image = keras.Input((image_size, image_size, channels), name="image")
     x = layers.Conv2D(ndf, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed), name="conv_0")(image)
@@ -63,7 +67,7 @@ def build_discriminator(ndf: int, channels: int, image_size: int, seed: int) -> 
         width *= 2
         x = layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
                           name=f"conv_{index}")(x)  # fmt: skip
-        x = layers.LeakyReLU(0.2)(_batchnorm(seed + 2 * index + 1, f"bn_{index}")(x))
+        x = layers.LeakyReLU(0.2)(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
     x = layers.Conv2D(1, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed + 99),
                       name=f"conv_{_num_upsamplings(image_size)}")(x)  # fmt: skip
     return keras.Model(image, layers.Reshape(())(x), name="discriminator")

@@ -6,12 +6,14 @@ TF_CPP_MIN_LOG_LEVEL does not reach them; the file descriptor is silenced for th
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 
 def import_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # per-step INFO notes from tf.data
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     sys.stderr.flush()
@@ -20,8 +22,6 @@ def import_tensorflow():
     try:
         os.dup2(devnull, 2)
         import tensorflow as tf
-
-        tf.config.list_logical_devices()  # device discovery prints its notices now, not later
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -17,6 +17,8 @@ from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint
 from pipeline.backends.torch_backend.models import build_models, count_parameters
 from pipeline.config import Config
 from pipeline.context import RankContext
+from pipeline.data.sharding import EpochSharder
+from pipeline.data.shards import ShardedImages
 
 GENERATOR_FILE = "generator.pt"  # a plain state dict: loads as --netG of the canonical example
 DISCRIMINATOR_FILE = "discriminator.pt"
@@ -26,6 +28,7 @@ RNG_FILE = "rng.pt"
 
 class TorchBackend:
     framework = "torch"
+    save_is_collective = False
 
     def __init__(self, cfg: Config, ctx: RankContext, dtype: torch.dtype = torch.float32):
         """`dtype` of parameters and activations; float64 lets tests check the data-parallel
@@ -57,6 +60,10 @@ class TorchBackend:
         self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device, dtype)
 
     # --- training ------------------------------------------------------------------------
+
+    def batches(self, images: ShardedImages, sharder: EpochSharder) -> Iterator[np.ndarray]:
+        """uint8 NHWC batches gathered from the memory-mapped shards; to_device runs in the step."""
+        return (images.gather(indices) for indices in sharder)
 
     def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params) -> torch.Tensor:
         """Backward and update unless the loss or a gradient is not finite; returns that flag."""

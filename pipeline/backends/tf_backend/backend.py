@@ -1,0 +1,196 @@
+"""The TensorFlow implementation of the Backend protocol.
+
+One device: the default strategy; one worker with several devices: MirroredStrategy; several
+workers (TF_CONFIG names them, as Ray's TensorflowTrainer does): MultiWorkerMirroredStrategy.
+Every variable, optimizer slots included, is created inside `strategy.scope()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import keras
+import numpy as np
+
+from pipeline.backends.base import NonFiniteError
+from pipeline.backends.tf_backend import tf
+from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
+from pipeline.config import Config
+from pipeline.context import RankContext
+from pipeline.data.sharding import EpochSharder
+from pipeline.data.shards import ShardedImages
+
+STATE_PREFIX = "tf_state"  # tf.train.Checkpoint writes tf_state.index + tf_state.data-*
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+    if len(workers) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    if not gpus and len(cpus) > 1:  # logical CPU devices (tf.config.set_logical_device_configuration)
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.get_strategy()
+
+
+def _adam(cfg: Config) -> keras.optimizers.Optimizer:
+    adam = keras.optimizers.Adam(cfg.train.lr, cfg.train.beta1, cfg.train.beta2, epsilon=1e-8)  # torch's eps
+    # Initial scale 1 (exact) and no growth: the wrapper is here for its distributed, device-side
+    # skip of an update whose gradients are not finite.
+    return keras.optimizers.LossScaleOptimizer(adam, initial_scale=1.0, dynamic_growth_steps=2**30)
+
+
+class TFBackend:
+    framework = "tensorflow"
+
+    def __init__(self, cfg: Config, ctx: RankContext, strategy: Optional[tf.distribute.Strategy] = None):
+        self.cfg, self.ctx = cfg, ctx
+        self.strategy = strategy or make_strategy()
+        # Under MultiWorkerMirroredStrategy a save is collective: every worker writes.
+        self.save_is_collective = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        model, data, seed = cfg.model, cfg.data, ctx.init_seed(cfg.train.seed) % 2**31
+        with self.strategy.scope():
+            sync = model.sync_batchnorm  # statistics over all replicas of the global batch
+            self.netG = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
+            self.netD = build_discriminator(model.ndf, data.channels, data.image_size, seed + 1000, sync)
+            self.optG, self.optD = _adam(cfg), _adam(cfg)
+            self.optG.build(self.netG.trainable_variables)  # slots inside the scope (DESIGN.md, traps)
+            self.optD.build(self.netD.trainable_variables)
+            fixed = np.random.default_rng(ctx.fixed_noise_seed(cfg.train.seed)).standard_normal(
+                (cfg.logging.num_samples, model.nz)
+            )
+            self.fixed_noise = tf.Variable(fixed.astype(np.float32), trainable=False, name="fixed_noise")
+        self.state = tf.train.Checkpoint(
+            generator=self.netG, discriminator=self.netD, optimizer_g=self.optG, optimizer_d=self.optD,
+            fixed_noise=self.fixed_noise,
+        )  # fmt: skip
+        self._step = tf.function(self._distributed_step)
+
+    # --- data ----------------------------------------------------------------------------
+
+    def batches(self, images: ShardedImages, sharder: EpochSharder) -> Iterator[Any]:
+        """This worker's slice of each global batch, split over its replicas by tf.data."""
+        per_worker = sharder.local_batch_size
+        replicas_here = self.strategy.num_replicas_in_sync // self.ctx.world_size
+        per_replica = per_worker // replicas_here
+        shape = images.shape
+
+        def per_replica_batches():
+            for indices in sharder:
+                worker_batch = images.gather(indices)
+                for replica in range(replicas_here):  # the strategy hands them out in this order
+                    yield worker_batch[replica * per_replica : (replica + 1) * per_replica]
+
+        def dataset_fn(_input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+            signature = tf.TensorSpec((per_replica, *shape), tf.uint8)
+            return tf.data.Dataset.from_generator(per_replica_batches, output_signature=signature).prefetch(2)
+
+        options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn, options))
+
+    # --- training ------------------------------------------------------------------------
+
+    def _replica_step(self, images_u8: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        global_batch = self.cfg.train.global_batch_size
+        real = tf.cast(images_u8, tf.float32) / 127.5 - 1.0  # uint8 crossed to the device; float here
+        local = tf.shape(real)[0]
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        # The whole global batch's noise from (seed, step); this replica takes its rows (as in torch).
+        z = tf.random.stateless_normal((global_batch, self.cfg.model.nz), seed)[replica * local : (replica + 1) * local]
+
+        def average(labels_like: tf.Tensor, logits: tf.Tensor, label: float) -> tf.Tensor:
+            per_example = tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(labels_like), label), logits)
+            return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+
+        with tf.GradientTape() as tape_g:
+            fake = self.netG(z, training=True)
+            with tf.GradientTape() as tape_d:
+                logits_real = self.netD(real, training=True)
+                logits_fake = self.netD(tf.stop_gradient(fake), training=True)
+                loss_d = average(logits_real, logits_real, 1.0) + average(logits_fake, logits_fake, 0.0)
+            bad_d = self._apply(self.optD, tape_d.gradient(loss_d, self.netD.trainable_variables), self.netD, loss_d)
+            logits_gen = self.netD(fake, training=True)  # after D's update, as in the torch backend
+            loss_g = average(logits_gen, logits_gen, 1.0)
+        bad_g = self._apply(self.optG, tape_g.gradient(loss_g, self.netG.trainable_variables), self.netG, loss_g)
+        replicas = tf.cast(self.strategy.num_replicas_in_sync, tf.float32)
+        return {
+            # Each replica's loss is its share of the global mean: the sum over replicas is the mean.
+            "loss/d": loss_d,
+            "loss/g": loss_g,
+            "d/real": tf.reduce_mean(tf.sigmoid(logits_real)) / replicas,
+            "d/fake": tf.reduce_mean(tf.sigmoid(logits_fake)) / replicas,
+            "nonfinite": bad_d + bad_g,
+        }
+
+    def _apply(self, optimizer, grads, net: keras.Model, loss: tf.Tensor) -> tf.Tensor:
+        """Apply unless a gradient or the loss is not finite (the optimizer skips on the device)."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads] + [tf.math.is_finite(loss)])
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        return 1.0 - tf.cast(finite, tf.float32)
+
+    def _distributed_step(self, images: Any, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        per_replica = self.strategy.run(self._replica_step, args=(images, seed))
+        return {name: self.strategy.reduce("SUM", value, axis=None) for name, value in per_replica.items()}
+
+    def train_step(self, batch: Any, step: int) -> Mapping[str, Any]:
+        seed = tf.constant([self.ctx.step_noise_seed(self.cfg.train.seed, step) % 2**31, 0], tf.int32)
+        return self._step(batch, seed)
+
+    def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Already reduced over every replica of every worker inside the step."""
+        return {name: float(np.asarray(value)) for name, value in metrics.items()}
+
+    def synchronize_replicas(self) -> None:
+        """Mirrored variables are kept identical by the strategy itself; nothing to reconcile."""
+
+    def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        if num is None and seed is None:
+            z = self.fixed_noise
+        else:
+            z = np.random.default_rng(seed or 0).standard_normal((num or 64, self.cfg.model.nz)).astype(np.float32)
+        images = self.netG(z, training=False)
+        return np.round((np.clip(images.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _variables(self) -> list[tuple[str, Any]]:
+        named = [(f"generator/{v.path}", v) for v in self.netG.weights]
+        named += [(f"discriminator/{v.path}", v) for v in self.netD.weights]
+        # Optimizer variable paths carry per-instance counters (adam_1, adam_3): index them.
+        named += [(f"optimizer_g/{i}", v) for i, v in enumerate(self.optG.variables)]
+        named += [(f"optimizer_d/{i}", v) for i, v in enumerate(self.optD.variables)]
+        return named + [("fixed_noise", self.fixed_noise)]
+
+    def save(self, directory: Path) -> None:
+        for name, variable in self._variables():
+            value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise NonFiniteError(f"refusing to write a checkpoint: {name} holds NaN or infinite values")
+        self.state.write(str(Path(directory) / STATE_PREFIX))
+
+    def load(self, directory: Path) -> None:
+        self.state.read(str(Path(directory) / STATE_PREFIX)).assert_existing_objects_matched().expect_partial()
+
+    def fingerprint(self) -> dict[str, str]:
+        return {
+            name: hashlib.sha256(np.ascontiguousarray(np.asarray(v.numpy())).tobytes()).hexdigest()
+            for name, v in self._variables()
+        }
+
+    def describe(self) -> dict[str, Any]:
+        replicas = self.strategy.num_replicas_in_sync
+        kind = "cpu" if not tf.config.list_logical_devices("GPU") else "gpu"
+        return {
+            "framework": f"tensorflow {tf.__version__}",
+            "device": f"{kind}, {type(self.strategy).__name__}, {replicas} replica(s)",
+            "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
+        }
+
+    def close(self) -> None:
+        pass
