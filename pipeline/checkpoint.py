@@ -87,6 +87,29 @@ def verify(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path, manifest)
 
 
+def write_checkpoint(final: Path, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
+    """One complete checkpoint directory at `final`, through `<final>.tmp` (see the module doc)."""
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_files(staging)
+        files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files, **metadata}
+        _fsync_tree(staging)
+        # The manifest goes last: a directory without one is never treated as complete.
+        write_json_durably(staging / MANIFEST, manifest)
+        fsync_dir(staging)
+        if final.exists():  # re-saving a step (e.g. a rerun after a crash): replace it whole
+            shutil.rmtree(final)
+        staging.rename(final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
 def _fsync_tree(directory: Path) -> None:
     for item in sorted(directory.rglob("*")):
         if item.is_file():
@@ -109,27 +132,7 @@ class CheckpointManager:
     def save(self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
         """`write_files(tmp_dir)` writes the payload; the protocol above does the rest."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / step_dir_name(step)
-        staging = self.directory / (final.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            write_files(staging)
-            files = {
-                str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-            }
-            manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files, **metadata}
-            _fsync_tree(staging)
-            # The manifest goes last: a directory without one is never treated as complete.
-            write_json_durably(staging / MANIFEST, manifest)
-            fsync_dir(staging)
-            if final.exists():  # re-saving a step (e.g. a rerun after a crash): replace it whole
-                shutil.rmtree(final)
-            staging.rename(final)
-            fsync_dir(self.directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        final = write_checkpoint(self.directory / step_dir_name(step), step, write_files, metadata)
         self._write_latest(final.name)
         self._prune()
         return final

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prepare)
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
 
+    convert = commands.add_parser("convert", help="turn a checkpoint into one of the other framework")
+    convert.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    convert.add_argument("--to", required=True, choices=["torch", "tensorflow"], dest="framework")
+    convert.add_argument("--out", required=True, type=Path, metavar="DIR", help="the new checkpoint directory")
+
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
@@ -121,6 +126,15 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from pipeline.convert import convert
+
+    out = convert(args.checkpoint, args.framework, args.out)
+    print(f"wrote a {args.framework} checkpoint to {out} (G, D, fixed noise, step and data position; "
+          "Adam's moments start afresh)")  # fmt: skip
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from pipeline import config
     from pipeline.backends import create_backend
@@ -152,7 +166,7 @@ def _sample(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "prepare": _prepare, "sample": _sample}
+    handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError) as err:

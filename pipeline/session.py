@@ -47,7 +47,10 @@ def select_start(cfg: Config, checkpoints: CheckpointManager, options: StartOpti
         return None
     framework = info.manifest.get("framework")
     if framework != cfg.backend:
-        raise CheckpointError(f"{info.path} was written by backend {framework!r}, the config asks for {cfg.backend!r}")
+        raise CheckpointError(
+            f"{info.path} was written by backend {framework!r}, the config asks for {cfg.backend!r}; "
+            f"convert it with: dcgan convert {info.path} --to {cfg.backend} --out NEW_DIR, then --resume NEW_DIR"
+        )
     diffs = model_mismatch(info.config, cfg)
     if diffs:
         raise CheckpointError(f"{info.path} does not fit this config:\n  " + "\n  ".join(diffs))

@@ -48,6 +48,13 @@ class Backend(Protocol):
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote. Tensors load with safe, non-pickling readers only."""
 
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """G, D (BatchNorm statistics included) and the fixed noise in the framework-neutral
+        layout: numpy arrays under PyTorch's names and in its tensor order."""
+
+    def import_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The inverse of export_weights; optimizer state is left as it is."""
+
     def fingerprint(self) -> dict[str, str]:
         """A digest of every state tensor, to prove two states identical."""
 

@@ -17,6 +17,15 @@ from pipeline.backends.tf_backend.weights import from_neutral, to_neutral
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def torch_outputs(weights: Path, inputs: Path, tmp_path: Path, shape: tuple) -> dict[str, np.ndarray]:
+    """G and D outputs of the torch models in a separate process (see torch_side.py)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, ROOT / "tests/tf/torch_side.py", weights, inputs, tmp_path / "out.npz", *shape]
+    done = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return dict(np.load(tmp_path / "out.npz"))
+
+
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_shapes_and_parameter_counts_match_the_torch_model(size):
     netG, netD = build_generator(16, 8, 3, size, 0), build_discriminator(8, 3, size, 1)
@@ -69,12 +78,7 @@ def test_same_weights_same_outputs_in_both_frameworks(tmp_path: Path, channels: 
             weights = {**to_neutral(netG), **to_neutral(netD), "z": z, "images": images}
             np.savez(tmp_path / "in.npz", **weights)
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, ROOT / "tests/tf/torch_side.py", tmp_path / "in.npz", tmp_path / "out.npz"]
-    done = subprocess.run([*map(str, args), *map(str, (nz, ngf, ndf, channels, size))], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    theirs = dict(np.load(tmp_path / "out.npz"))
+    theirs = torch_outputs(tmp_path / "in.npz", tmp_path / "in.npz", tmp_path, (nz, ngf, ndf, channels, size))
     for name, value in ours.items():
         worst = np.abs(value - theirs[name]).max()
         print(f"{name}: max |x| {np.abs(value).max():.3g}, max abs difference {worst:.3g}")

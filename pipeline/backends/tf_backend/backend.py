@@ -17,8 +17,9 @@ import keras
 import numpy as np
 
 from pipeline.backends.base import NonFiniteError
-from pipeline.backends.tf_backend import tf
+from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
+from pipeline.backends.tf_backend.quiet import native_stderr_silenced
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
@@ -29,9 +30,11 @@ STATE_PREFIX = "tf_state"  # tf.train.Checkpoint writes tf_state.index + tf_stat
 
 def make_strategy() -> tf.distribute.Strategy:
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    if len(workers) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
+    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
+    with native_stderr_silenced():
+        if len(workers) > 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in gpus])
     if not gpus and len(cpus) > 1:  # logical CPU devices (tf.config.set_logical_device_configuration)
@@ -176,6 +179,14 @@ class TFBackend:
 
     def load(self, directory: Path) -> None:
         self.state.read(str(Path(directory) / STATE_PREFIX)).assert_existing_objects_matched().expect_partial()
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return {**weights.to_neutral(self.netG), **weights.to_neutral(self.netD), "fixed_noise": self.fixed_noise.numpy()}
+
+    def import_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
+        weights.from_neutral(self.netG, arrays)
+        weights.from_neutral(self.netD, arrays)
+        self.fixed_noise.assign(np.asarray(arrays["fixed_noise"], dtype=np.float32))
 
     def fingerprint(self) -> dict[str, str]:
         return {

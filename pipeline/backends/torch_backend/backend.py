@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.backends.base import NonFiniteError
-from pipeline.backends.torch_backend import distributed
+from pipeline.backends.torch_backend import distributed, weights
 from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
 from pipeline.config import Config
@@ -201,6 +201,16 @@ class TorchBackend:
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.fixed_noise = rng["fixed_noise"].to(self.device)
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        arrays = weights.to_neutral(self.netG, self.netD)
+        arrays["fixed_noise"] = self.fixed_noise.detach().cpu().numpy().reshape(len(self.fixed_noise), -1)
+        return arrays
+
+    def import_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
+        weights.from_neutral(self.netG, self.netD, arrays)
+        noise = torch.from_numpy(np.asarray(arrays["fixed_noise"]))
+        self.fixed_noise = noise.view(*noise.shape, 1, 1).to(self.device, self.dtype)
 
     def fingerprint(self) -> dict[str, str]:
         digests = {}
