@@ -94,13 +94,18 @@ def run(
 
 
 def build_trainer(cfg: Config, resume: Optional[Path], dry_run_steps: Optional[int], train_fn: Callable):
+    """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from pipeline.dryrun import scratch_dir
 
+    if cfg.backend == "tensorflow":
+        from ray.train.tensorflow import TensorflowTrainer as Trainer
+    else:
+        from ray.train.torch import TorchTrainer as Trainer
+
     name = scratch_dir(cfg).name if dry_run_steps is not None else cfg.run.name
-    return TorchTrainer(
+    return Trainer(
         train_fn,
         train_loop_config={
             "config": cfg.to_dict(),

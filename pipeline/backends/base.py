@@ -15,6 +15,10 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or state tensor became NaN or infinite; the run stops."""
 
 
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas that should be identical are not."""
+
+
 class Backend(Protocol):
     framework: str  # recorded in every checkpoint manifest
     save_is_collective: bool  # every rank must call save() (non-chief ranks into a throw-away dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.backends.torch_backend import TorchBackend
-from pipeline.backends.torch_backend.distributed import ReplicaMismatchError
+from pipeline.backends.base import ReplicaMismatchError
 from pipeline.context import RankContext
 from pipeline.data import EpochSharder, ShardedImages, ensure_prepared
 from tests.conftest import small_config

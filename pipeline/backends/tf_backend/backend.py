@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Optional
 import keras
 import numpy as np
 
-from pipeline.backends.base import NonFiniteError
+from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.quiet import native_stderr_silenced
@@ -150,7 +150,33 @@ class TFBackend:
         return {name: float(np.asarray(value)) for name, value in metrics.items()}
 
     def synchronize_replicas(self) -> None:
-        """Mirrored variables are kept identical by the strategy itself; nothing to reconcile."""
+        """Average BatchNorm statistics over replicas, then check every replica's copy of every
+        variable against replica 0's (all-gathered).
+
+        Keras updates moving statistics on each replica's own copy (mirrored variables without
+        aggregation), as the torch backend keeps them per rank; the mean over all replicas of
+        all workers is written back to every copy."""
+        if self.strategy.num_replicas_in_sync == 1:
+            return
+
+        def local_copy(variable) -> tf.Tensor:  # inside strategy.run: this replica's own copy
+            return tf.identity(variable.value if isinstance(variable, keras.Variable) else variable)
+
+        for variable in self.netG.non_trainable_weights + self.netD.non_trainable_weights:
+            local = self.strategy.run(local_copy, args=(variable,))
+            variable.assign(self.strategy.reduce("MEAN", local, axis=None))
+
+        def differs(variable) -> tf.Tensor:
+            value = local_copy(variable)
+            gathered = tf.distribute.get_replica_context().all_gather(value[None], axis=0)
+            return tf.cast(tf.reduce_any(gathered != gathered[:1]), tf.int32)
+
+        for name, variable in self._variables():
+            flags = self.strategy.run(differs, args=(variable,))
+            if int(self.strategy.reduce("SUM", flags, axis=None)) > 0:
+                raise ReplicaMismatchError(
+                    f"data-parallel replicas differ before a checkpoint: first differing tensor {name}"
+                )
 
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
         if num is None and seed is None:

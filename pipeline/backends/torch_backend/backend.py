@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.backends.base import NonFiniteError
+from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
 from pipeline.backends.torch_backend import distributed, weights
 from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
@@ -138,7 +138,7 @@ class TorchBackend:
         shared = {k: v for k, v in self._payload().items() if k != RNG_FILE}  # RNG is per rank
         mismatch = distributed.first_mismatch(list(_tensors(shared)), self.ctx.world_size)
         if mismatch is not None:
-            raise distributed.ReplicaMismatchError(
+            raise ReplicaMismatchError(
                 f"data-parallel replicas differ before a checkpoint: first differing tensor {mismatch}"
             )
 

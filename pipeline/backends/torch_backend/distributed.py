@@ -24,10 +24,6 @@ _NO_FORWARD_BUFFER_SYNC = (
 )
 
 
-class ReplicaMismatchError(RuntimeError):
-    """Data-parallel replicas that should be identical are not."""
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
 
