@@ -7,6 +7,7 @@ are the contract shared by both backends.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -48,7 +49,7 @@ class EventWriter(NullWriter):
     """Event files under `logdir`; sample grids also as PNG files under `samples_dir`."""
 
     def __init__(self, logdir: Path, samples_dir: Optional[Path] = None, purge_step: Optional[int] = None):
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _summary_writer_class()
 
         # purge_step: after a resume, TensorBoard hides what a crashed run logged past it.
         # The suffix keeps two writers opened within one second (a quick resume) from sharing
@@ -80,6 +81,24 @@ class EventWriter(NullWriter):
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch in a TensorFlow process.
+
+    tensorboardX imports torch whenever it can; beside TensorFlow that must not happen
+    (DESIGN.md, traps). A None entry in sys.modules makes that one `import torch` fail, and
+    tensorboardX falls back to numpy; the entry is removed again at once."""
+    if "tensorflow" in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+        return SummaryWriter
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
 
 
 def open_writer(run_dir: Path, is_chief: bool, purge_step: Optional[int] = None) -> NullWriter:
