@@ -100,6 +100,9 @@ def build_trainer(cfg: Config, resume: Optional[Path], dry_run_steps: Optional[i
     from pipeline.dryrun import scratch_dir
 
     if cfg.backend == "tensorflow":
+        from pipeline.backends.tf_backend.quiet import import_tensorflow
+
+        import_tensorflow()  # before Ray's module imports it, so its banners stay quiet here
         from ray.train.tensorflow import TensorflowTrainer as Trainer
     else:
         from ray.train.torch import TorchTrainer as Trainer
