@@ -16,11 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.datasets as dset
 import torchvision.transforms as transforms
-from PIL import Image
 
 from pipeline import config
 from pipeline.backends.torch_backend.feed import to_device

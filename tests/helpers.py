@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -24,6 +27,20 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPr
         [sys.executable, "-m", "pipeline", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+@contextmanager
+def local_ray(test_module: str) -> Iterator[None]:
+    """A real Ray on 127.0.0.1 with 4 logical CPUs for one test module. The module's closures
+    (workers wrapped to observe or kill) are shipped to Ray's workers by value."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[test_module])
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 from pipeline.config import Config
 from pipeline.session import StartOptions
 from tests.conftest import small_config
+from tests.helpers import local_ray
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
@@ -27,11 +26,8 @@ BATCH, STEPS_PER_EPOCH = 16, 16  # 256 synthetic images
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    # The traced workers below are closures of this module: ship them by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+    with local_ray(__name__):
+        yield
 
 
 def ray_config(tmp_path: Path, name: str, workers: int = 2, **sections) -> Config:

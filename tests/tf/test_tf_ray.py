@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from pipeline.config import validate
 from pipeline.session import StartOptions
 from tests.conftest import small_config
+from tests.helpers import local_ray
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402
@@ -22,10 +21,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+    with local_ray(__name__):
+        yield
 
 
 def tf_ray_config(tmp_path: Path, name: str, **train):
