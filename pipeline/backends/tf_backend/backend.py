@@ -225,7 +225,7 @@ class TFBackend:
         kind = "cpu" if not tf.config.list_logical_devices("GPU") else "gpu"
         return {
             "framework": f"tensorflow {tf.__version__}",
-            "device": f"{kind}, {type(self.strategy).__name__}, {replicas} replica(s)",
+            "device": f"{kind}, {type(self.strategy).__name__.lstrip('_')}, {replicas} replica(s)",
             "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
         }
 
