@@ -32,7 +32,7 @@ fi
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 runtime_env=$(printf '{"working_dir": "%s", "excludes": ["/.venv/", "/runs/", "/data/", "/.git/", "*.egg-info/", "__pycache__/"]}' "$root")
-# The job is the same entrypoint as a local run, pointed at the cluster it runs on.
+# The job is the entrypoint of a local run and of the KubeRay RayJob, pointed at this cluster.
 exec "$ray" job submit --address "$address" --runtime-env-json "$runtime_env" -- \
-  python -m pipeline train --config "$config" --set runtime.runner=ray --set runtime.ray_address=auto \
+  dcgan train --config "$config" --set runtime.runner=ray --set runtime.ray_address=auto \
   "${overrides[@]}" "$@"

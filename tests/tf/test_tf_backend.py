@@ -103,3 +103,11 @@ def test_same_tags_as_the_torch_backend_and_exact_resume(tmp_path: Path):
     a.load(tf_cfg.run_dir / "checkpoints" / "step-00000008")
     b.load(split.run_dir / "checkpoints" / "step-00000008")
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_a_global_batch_that_does_not_split_over_the_replicas_is_a_config_error(tmp_path: Path):
+    from pipeline.config import ConfigError
+
+    cfg = _with_backend(tmp_path, train={"global_batch_size": 15})
+    with pytest.raises(ConfigError, match="global_batch_size=15 is not divisible by the 2 replicas"):
+        TFBackend(cfg, LOCAL, tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"]))

@@ -20,7 +20,7 @@ from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.quiet import native_stderr_silenced
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
 from pipeline.data.shards import ShardedImages
@@ -55,6 +55,12 @@ class TFBackend:
     def __init__(self, cfg: Config, ctx: RankContext, strategy: Optional[tf.distribute.Strategy] = None):
         self.cfg, self.ctx = cfg, ctx
         self.strategy = strategy or make_strategy()
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.train.global_batch_size % replicas:
+            raise ConfigError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+                f"{replicas} replicas of {type(self.strategy).__name__}"
+            )
         # Under MultiWorkerMirroredStrategy a save is collective: every worker writes.
         self.save_is_collective = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         model, data, seed = cfg.model, cfg.data, ctx.init_seed(cfg.train.seed) % 2**31
