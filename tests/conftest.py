@@ -33,9 +33,10 @@ def pytest_ignore_collect(collection_path, config):
     return not any(a == TF_TESTS or TF_TESTS in a.parents for a in asked)
 
 
-def small_config(tmp_path: Path, **sections) -> config.Config:
+def small_config(tmp_path: Path, backend: str = "torch", **sections) -> config.Config:
     """A tiny, fast config rooted in tmp_path; keyword sections override the defaults."""
     raw = {
+        "backend": backend,
         "run": {"name": "t", "dir": str(tmp_path / "runs")},
         "data": {"source": "synthetic", "synthetic_count": 256, "image_size": 32, "channels": 1,
                  "prepared_dir": str(tmp_path / "prepared")},

@@ -28,11 +28,7 @@ sys.exit(code)
 def test_a_run_loads_only_its_own_framework(tmp_path: Path, backend: str):
     if importlib.util.find_spec(backend) is None:  # find, never import: this process runs torch
         pytest.skip(f"{backend} is not installed")
-    raw = small_config(tmp_path).to_dict()
-    raw["backend"] = backend
-    from pipeline.config import validate
-
-    config_file = write_config(tmp_path / "c.yaml", validate(raw))
+    config_file = write_config(tmp_path / "c.yaml", small_config(tmp_path, backend=backend))
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(config_file)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert done.returncode == 0, done.stderr

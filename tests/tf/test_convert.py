@@ -9,7 +9,6 @@ import pytest
 
 from pipeline.backends.tf_backend import tf
 from pipeline.backends.tf_backend.backend import TFBackend
-from pipeline.config import validate
 from pipeline.context import LOCAL
 from tests.conftest import small_config
 from tests.helpers import dcgan, write_config
@@ -29,7 +28,7 @@ def test_torch_to_tensorflow_and_back(tmp_path: Path):
     assert dcgan("convert", back, "--to", "torch", "--out", tmp_path / "x", cwd=tmp_path).returncode == 2
 
     # The TF model from the converted checkpoint computes what the torch model computes.
-    tf_cfg = validate({**cfg.to_dict(), "backend": "tensorflow"})
+    tf_cfg = small_config(tmp_path, backend="tensorflow", train={"steps": 4}, data={"channels": 3})
     backend = TFBackend(tf_cfg, LOCAL, tf.distribute.OneDeviceStrategy("/device:CPU:0"))
     backend.load(converted)
     rng = np.random.default_rng(0)

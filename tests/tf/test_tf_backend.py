@@ -18,13 +18,8 @@ from tests.helpers import dcgan, read_scalars, write_config
 SINGLE = "/device:CPU:0"
 
 
-
 def _with_backend(tmp_path: Path, **sections):
-    from pipeline import config
-
-    cfg = small_config(tmp_path, **sections).to_dict()
-    cfg["backend"] = "tensorflow"
-    return config.validate(cfg)
+    return small_config(tmp_path, backend="tensorflow", **sections)
 
 
 def _train(backend: TFBackend, cfg, steps: int, start: int = 1) -> list[dict[str, float]]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import validate
 from pipeline.session import StartOptions
 from tests.conftest import small_config
 from tests.helpers import local_ray
@@ -26,11 +25,10 @@ def ray_cluster():
 
 
 def tf_ray_config(tmp_path: Path, name: str, **train):
-    raw = small_config(
-        tmp_path, run={"name": name}, train={"global_batch_size": 16, "steps": 8, **train},
+    return small_config(
+        tmp_path, backend="tensorflow", run={"name": name}, train={"global_batch_size": 16, "steps": 8, **train},
         scaling={"num_workers": 2, "cpus_per_worker": 1}, runtime={"runner": "ray"},
-    ).to_dict()  # fmt: skip
-    return validate({**raw, "backend": "tensorflow"})
+    )  # fmt: skip
 
 
 def killing_worker(marker: Path, at_step: int):
