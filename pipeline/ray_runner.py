@@ -24,9 +24,6 @@ from pipeline.context import RankContext
 from pipeline.data import ensure_prepared
 from pipeline.session import StartOptions, TrainingSession, move_aside, select_start
 
-log = logging.getLogger(__name__)
-
-
 class RunFailed(RuntimeError):
     """The Ray job ended without finishing; the message says why and what to do."""
 
