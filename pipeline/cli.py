@@ -96,15 +96,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_in_process(cfg, options, dry_run_steps: Optional[int]) -> dict:
     """The local runner: one rank in this process, for dry runs, debugging and profiling."""
-    import shutil
-
-    from pipeline.dryrun import dry_run, scratch_dir
+    from pipeline.dryrun import dry_run, reset_scratch_dir
     from pipeline.session import TrainingSession
 
     if cfg.scaling.num_workers > 1:
         log.info("runner local: one rank computes the whole global batch of %d", cfg.train.global_batch_size)
     if dry_run_steps is not None:
-        shutil.rmtree(scratch_dir(cfg), ignore_errors=True)
+        reset_scratch_dir(cfg)
         return dry_run(cfg, steps=dry_run_steps)
     with TrainingSession(cfg, options=options) as session:
         summary = session.run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,11 @@ REPORT_FILE = "dryrun-report.json"
 
 def scratch_dir(cfg: Config) -> Path:
     return cfg.runs_root / f"{cfg.run.name}-dryrun"
+
+
+def reset_scratch_dir(cfg: Config) -> None:
+    """Every dry run starts from an empty scratch directory (run once, before any rank starts)."""
+    shutil.rmtree(scratch_dir(cfg), ignore_errors=True)
 
 
 def dry_run(

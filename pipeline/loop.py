@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-
 from pipeline import tensorboard as tb
 from pipeline.backends.base import Backend, NonFiniteError
 from pipeline.checkpoint import CheckpointManager

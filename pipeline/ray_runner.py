@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,9 +66,9 @@ def run(
     cfg = _absolute(cfg)
     ensure_prepared(cfg.data)  # once, here, not by N workers at the same time
     if dry_run_steps is not None:
-        from pipeline.dryrun import scratch_dir
+        from pipeline.dryrun import reset_scratch_dir
 
-        shutil.rmtree(scratch_dir(cfg), ignore_errors=True)
+        reset_scratch_dir(cfg)
         start = None
     else:
         if options.fresh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol
 
@@ -9,6 +10,13 @@ import numpy as np
 
 from pipeline.data.sharding import EpochSharder
 from pipeline.data.shards import ShardedImages
+
+
+def num_resolution_doublings(image_size: int) -> int:
+    """Stride-2 layers between 4x4 and image_size in either DCGAN network (both backends)."""
+    steps = math.log2(image_size / 4)
+    assert steps.is_integer() and steps >= 2, f"image_size must be a power of two >= 16, got {image_size}"
+    return int(steps)
 
 
 class NonFiniteError(RuntimeError):

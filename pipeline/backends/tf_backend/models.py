@@ -14,6 +14,8 @@ import math
 import keras
 from keras import layers
 
+from pipeline.backends.base import num_resolution_doublings
+
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
 
 
@@ -28,17 +30,12 @@ def _batchnorm(seed: int, name: str, synchronized: bool) -> layers.BatchNormaliz
     )  # fmt: skip
 
 
-def _num_upsamplings(image_size: int) -> int:
-    steps = math.log2(image_size / 4)
-    assert steps.is_integer() and steps >= 2, f"image_size must be a power of two >= 16, got {image_size}"
-    return int(steps)
-
 
 def build_generator(
     nz: int, ngf: int, channels: int, image_size: int, seed: int, synchronized: bool = False
 ) -> keras.Model:
     """z (N, nz) -> images (N, size, size, channels) in [-1, 1]."""
-    hidden = _num_upsamplings(image_size) - 1
+    hidden = num_resolution_doublings(image_size) - 1
     width = ngf * 2**hidden
     z = keras.Input((nz,), name="z")
     x = layers.Reshape((1, 1, nz))(z)
@@ -63,13 +60,13 @@ def build_discriminator(
     x = layers.Conv2D(ndf, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed), name="conv_0")(image)
     x = layers.LeakyReLU(0.2)(x)
     width = ndf
-    for index in range(1, _num_upsamplings(image_size)):
+    for index in range(1, num_resolution_doublings(image_size)):
         width *= 2
         x = layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
                           name=f"conv_{index}")(x)  # fmt: skip
         x = layers.LeakyReLU(0.2)(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
     x = layers.Conv2D(1, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed + 99),
-                      name=f"conv_{_num_upsamplings(image_size)}")(x)  # fmt: skip
+                      name=f"conv_{num_resolution_doublings(image_size)}")(x)  # fmt: skip
     return keras.Model(image, layers.Reshape(())(x), name="discriminator")
 
 

@@ -9,17 +9,11 @@ BCE-with-logits, which stays safe under autocast where BCELoss does not.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from pipeline.backends.base import num_resolution_doublings
 
-def _num_upsamplings(image_size: int) -> int:
-    """4x4 -> image_size takes log2(image_size / 4) stride-2 layers."""
-    steps = math.log2(image_size / 4)
-    assert steps.is_integer() and steps >= 2, f"image_size must be a power of two >= 16, got {image_size}"
-    return int(steps)
 
 
 class Generator(nn.Module):
@@ -27,7 +21,7 @@ class Generator(nn.Module):
 
     def __init__(self, nz: int = 100, ngf: int = 64, channels: int = 3, image_size: int = 64):
         super().__init__()
-        hidden = _num_upsamplings(image_size) - 1  # the last upsampling emits the image
+        hidden = num_resolution_doublings(image_size) - 1  # the last upsampling emits the image
         width = ngf * 2**hidden  # 64 px: ngf * 8, as in the canonical example
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False),
@@ -54,7 +48,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 64):
         super().__init__()
-        downsamplings = _num_upsamplings(image_size)
+        downsamplings = num_resolution_doublings(image_size)
         layers: list[nn.Module] = [
             nn.Conv2d(channels, ndf, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True),
