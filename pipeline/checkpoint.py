@@ -1,17 +1,23 @@
 """The checkpoint directory protocol, independent of any tensor format.
 
     <run>/checkpoints/
-        step-00001200/          complete: every file fsynced, manifest.json written last
+        step-00001200/          complete: every file written, manifest.json written last
             manifest.json       step, framework, world size, config, sha256 of every file
             ...                 whatever the backend and the loop wrote
         step-00001200.tmp/      in progress (or left by a crash): never read
-        LATEST                  name of the newest complete checkpoint, replaced atomically
+        LATEST                  name of the newest complete checkpoint, replaced whole
+        abandoned-<time>/       steps set aside by an explicit resume of an older step
 
-A save writes into `step-N.tmp/`, fsyncs, writes the manifest, renames the directory to
-`step-N/`, fsyncs the parent, then replaces LATEST. A crash at any point leaves either the
-previous checkpoint set or the new one, never a partial checkpoint that passes verification.
-Discovery trusts only manifests whose checksums verify; a corrupt checkpoint is skipped with
-a warning that names it, and the next older one is used.
+On a filesystem a save writes into `step-N.tmp/`, fsyncs, writes the manifest, renames the
+directory to `step-N/`, fsyncs the parent, then replaces LATEST. In object storage (no rename,
+no fsync) the directory is staged on local disk and uploaded file by file, the manifest last
+and LATEST after it. Either way a crash leaves the previous checkpoint set or the new one,
+never a partial checkpoint that passes verification.
+
+Discovery reads LATEST first and falls back to scanning when it is missing or does not verify;
+it trusts only manifests whose checksums verify; a corrupt checkpoint is skipped with a warning
+that names it, and the next older one is used. Checkpoints in object storage are downloaded to
+node-local disk and verified there before anything loads them.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-from pipeline.durable import fsync_dir, sha256_file, write_json_durably
+from pipeline import storage
+from pipeline.durable import check_relative_name, fsync_dir, node_lock, sha256_file, write_json_durably
+from pipeline.storage import Location, PathOrUri
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,14 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    path: Path
+    path: Path  # a complete, verified copy on this node's disk
     manifest: dict[str, Any]
+    source: str = ""  # where it lives in the run's storage (a path or a URI); "" = at `path`
+
+    @property
+    def address(self) -> str:
+        """What another process, on any node, passes to `fetch` to get this checkpoint."""
+        return self.source or str(self.path)
 
     @property
     def step(self) -> int:
@@ -79,6 +93,10 @@ def verify(path: Path) -> CheckpointInfo:
     if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
         raise CheckpointError(f"{manifest_path}: malformed (needs an integer step and a files mapping)")
     for name, expected in files.items():
+        try:
+            check_relative_name(name, str(manifest_path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         file_path = path / name
         if not file_path.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
@@ -120,50 +138,117 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
-class CheckpointManager:
-    """Writes, retains and discovers the checkpoints of one run."""
+def fetch(address: PathOrUri) -> CheckpointInfo:
+    """A verified checkpoint from a path (read in place) or a URI (downloaded to this node once,
+    under a lock, so the ranks of one node share one copy)."""
+    if not storage.is_uri(address):
+        return verify(Path(address))
+    address = str(address)
+    local = storage.cache_dir_for("checkpoints", address)
+    with node_lock(local.with_name(local.name + ".lock")):
+        try:
+            return CheckpointInfo(local, verify(local).manifest, address)
+        except CheckpointError:
+            pass  # not downloaded yet, or an older copy: fetch it again
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            storage.location(address).download("", local)
+        except OSError as err:
+            raise CheckpointError(f"{address}: cannot download ({err})") from None
+        info = verify(local)
+        return CheckpointInfo(info.path, info.manifest, address)
 
-    def __init__(self, directory: Path, keep: Optional[int]):
-        """keep=None: never delete complete checkpoints (retention is someone else's, e.g. Ray's)."""
+
+class CheckpointManager:
+    """Writes, retains and discovers the checkpoints of one run, on a filesystem or by URI."""
+
+    def __init__(self, directory: Union[PathOrUri, Location], keep: Optional[int]):
+        """keep=None: never delete complete checkpoints."""
         assert keep is None or keep >= 2, "keep >= 2 is enforced by the config"
-        self.directory = Path(directory)
+        self.location = directory if isinstance(directory, Location) else storage.location(directory)
         self.keep = keep
 
-    def save(self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
+    @property
+    def directory(self) -> str:
+        return str(self.location)
+
+    def save(self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> CheckpointInfo:
         """`write_files(tmp_dir)` writes the payload; the protocol above does the rest."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = write_checkpoint(self.directory / step_dir_name(step), step, write_files, metadata)
-        self._write_latest(final.name)
+        name = step_dir_name(step)
+        if self.location.is_local:
+            self.location.path.mkdir(parents=True, exist_ok=True)
+            final = write_checkpoint(self.location.path / name, step, write_files, metadata)
+            info = CheckpointInfo(final, _read_manifest(final))
+        else:
+            info = self._stage_and_upload(name, step, write_files, metadata)
+        self.location.write_text(LATEST, name + "\n")
         self._prune()
-        return final
+        return info
 
-    def _write_latest(self, name: str) -> None:
-        tmp = self.directory / (LATEST + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(name + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / LATEST)
-        fsync_dir(self.directory)
+    def _stage_and_upload(self, name: str, step: int, write_files, metadata) -> CheckpointInfo:
+        staging_root = storage.cache_dir_for("staging", str(self.location))
+        staging_root.mkdir(parents=True, exist_ok=True)
+        local = write_checkpoint(staging_root / name, step, write_files, metadata)
+        for older in staging_root.glob("step-*"):  # the newest staged copy stays for reloads
+            if older.name != name:
+                shutil.rmtree(older, ignore_errors=True)
+        self.location.delete(name)  # a re-save must not mix old files under a valid manifest
+        self.location.upload(local, name, last=[MANIFEST])
+        return CheckpointInfo(local, _read_manifest(local), str(self.location.child(name)))
 
-    def complete_steps(self) -> list[Path]:
-        """Step directories with a manifest, newest first (checksums not yet verified)."""
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name, reverse=True)
+    def complete_steps(self) -> list[str]:
+        """Names of step directories with a manifest, newest first (checksums not yet verified)."""
+        found = [n for n in self.location.list() if _STEP_DIR.match(n) and self.location.exists(f"{n}/{MANIFEST}")]
+        return sorted(found, reverse=True)
+
+    def fetch(self, name: str) -> CheckpointInfo:
+        return fetch(self.location.path / name if self.location.is_local else str(self.location.child(name)))
 
     def _prune(self) -> None:
-        for old in self.complete_steps()[self.keep :] if self.keep is not None else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.directory.glob("step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        complete = self.complete_steps()
+        for old in complete[self.keep :] if self.keep is not None else []:
+            self.location.delete(old)
+        for name in self.location.list():
+            if name.startswith("step-") and name.endswith(".tmp"):
+                self.location.delete(name)  # left by a crash mid-save
+            elif not self.location.is_local and _STEP_DIR.match(name) and name not in complete:
+                self.location.delete(name)  # an upload cut short: no manifest, never read
+
+    def latest_name(self) -> Optional[str]:
+        try:
+            name = self.location.read_text(LATEST).strip()
+        except (FileNotFoundError, OSError, UnicodeDecodeError):
+            return None
+        return name if _STEP_DIR.match(name) else None
 
     def latest(self) -> Optional[CheckpointInfo]:
-        """The newest checkpoint that verifies; corrupt ones are skipped with a warning."""
-        for path in self.complete_steps():
+        """The checkpoint LATEST names if it verifies, else the newest one that does."""
+        pointed = self.latest_name()
+        candidates = ([pointed] if pointed else []) + [n for n in self.complete_steps() if n != pointed]
+        for name in candidates:
             try:
-                return verify(path)
+                return self.fetch(name)
             except CheckpointError as err:
-                log.warning("skipping checkpoint %s: %s; falling back to the previous one", path, err)
+                log.warning("skipping checkpoint %s: %s; falling back to the previous one", name, err)
         return None
+
+    def set_aside_after(self, step: int, keep_name: Optional[str] = None) -> Optional[str]:
+        """An explicit resume of an older step starts a new line: the newer steps of the old
+        line move to abandoned-<time>/, out of reach of auto-resume and retention. Returns
+        where they went (None when there were none)."""
+        newer = [n for n in self.location.list() if _STEP_DIR.match(n) and int(n[5:]) > step]
+        if not newer:
+            return None
+        target = f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        for name in newer:
+            self.location.move(name, f"{target}/{name}")
+        if keep_name is not None:
+            self.location.write_text(LATEST, keep_name + "\n")
+        elif self.latest_name() in newer:
+            self.location.delete(LATEST)
+        log.warning("resuming from step %d: moved the newer steps %s to %s/%s", step, ", ".join(newer), self.location, target)
+        return target
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / MANIFEST).read_text())

@@ -1,7 +1,8 @@
 """The `dcgan` command: parse, build, run, close. No training logic lives here.
 
 Exit codes: 0 success, 1 the run failed (e.g. non-finite loss), 2 bad input (config, data,
-checkpoint), 130 interrupted.
+checkpoint), 3 the run is held by another job (its lease), 130 interrupted, 143 stopped by
+SIGTERM after writing a checkpoint (running the same command again resumes).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pipeline.backends.base import NonFiniteError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.lease import LeaseHeld
+from pipeline.loop import Preempted
 from pipeline.ray_runner import RunFailed  # ray itself is imported only when the runner is used
 
 log = logging.getLogger("dcgan")
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_INTERRUPTED, EXIT_PREEMPTED = 1, 2, 3, 130, 143
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run-steps", type=int, default=None, metavar="N", help="steps of the dry run (default 12)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--fresh", action="store_true", help="do not resume; the previous run directory is moved aside")
-    start.add_argument("--resume", type=Path, metavar="CHECKPOINT_DIR", help="resume from this checkpoint")
+    start.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint directory (path or URI)")
 
     prepare = commands.add_parser("prepare", help="decode a data source into uint8 shards + manifest")
     _add_config_args(prepare)
@@ -67,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline import config
+    from pipeline import config, storage
     from pipeline.dryrun import DEFAULT_STEPS, print_report
-    from pipeline.session import StartOptions
+    from pipeline.job import StartOptions, plan, run_dir_name
+    from pipeline.lease import RunLease
 
     overrides = args.overrides + ([f"runtime.runner={args.runner}"] if args.runner else [])
     cfg = config.load(args.config, overrides)
@@ -81,32 +85,38 @@ def _train(args: argparse.Namespace) -> int:
         if dry_run_steps < 1:
             raise ConfigError(f"--dry-run-steps must be >= 1, got {dry_run_steps}")
     options = StartOptions(fresh=args.fresh, resume=args.resume)
-    if cfg.runtime.runner == "ray":
-        from pipeline import ray_runner
-
-        result = ray_runner.run(cfg, options, dry_run_steps)
-    else:
-        result = _train_in_process(cfg, options, dry_run_steps)
+    # One writer per run: the lease is held before anything in the run directory changes.
+    with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):
+        job = plan(cfg, options, dry_run_steps)
+        result = _runner(cfg)(job)
     if dry_run_steps is not None:
         print_report(result)
     else:
-        log.info("finished at step %s; run directory %s", result.get("step"), cfg.run_dir)
+        log.info("finished at step %s; run directory %s", result.get("step"), job.run_address)
     return 0
 
 
-def _train_in_process(cfg, options, dry_run_steps: Optional[int]) -> dict:
-    """The local runner: one rank in this process, for dry runs, debugging and profiling."""
-    from pipeline.dryrun import dry_run, reset_scratch_dir
-    from pipeline.session import TrainingSession
+def _runner(cfg):
+    if cfg.runtime.runner == "ray":
+        from pipeline import ray_runner
 
+        return ray_runner.run
+    return _run_in_process
+
+
+def _run_in_process(job) -> dict:
+    """The local runner: one rank in this process, for dry runs, debugging and profiling."""
+    import signal
+
+    cfg = job.cfg
     if cfg.scaling.num_workers > 1:
         log.info("runner local: one rank computes the whole global batch of %d", cfg.train.global_batch_size)
-    if dry_run_steps is not None:
-        reset_scratch_dir(cfg)
-        return dry_run(cfg, steps=dry_run_steps)
-    with TrainingSession(cfg, options=options) as session:
-        summary = session.run()
-    return {**summary.last_metrics, "step": summary.end_step}
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        return job.result(job.run(stop_requested=lambda: bool(stop)) or {})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -170,6 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except LeaseHeld as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except Preempted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (NonFiniteError, RunFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

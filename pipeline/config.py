@@ -8,15 +8,23 @@ the bad value and what is allowed. This module imports no framework.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import storage
 
 
 class ConfigError(ValueError):
     """A user error in a config file or an override; the CLI exits with code 2 on it."""
+
+
+# A path or a URI (s3://...), kept as text: pathlib would fold the URI's "//". Path objects
+# (from code) become the strings a YAML file would hold.
+PathOrUri = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, os.PathLike) else value)]
 
 
 class _Section(BaseModel):
@@ -39,9 +47,10 @@ class DataSection(_Section):
     root: Optional[Path] = Field(
         None, description="Image folder (folder) or torchvision dataset root (mnist, cifar10, lsun)."
     )
-    prepared_dir: Optional[Path] = Field(
+    prepared_dir: Optional[PathOrUri] = Field(
         None,
-        description="Where the uint8 shards and manifest go; default data/prepared/<source>-<size>px-<channels>ch.",
+        description="Where the uint8 shards and manifest go: a path, or a storage URI (s3://...) from which "
+        "each node stages the shards to local disk once; default data/prepared/<source>-<size>px-<channels>ch.",
     )
     image_size: Literal[32, 64, 128] = Field(32, description="Square training resolution in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB.")
@@ -50,7 +59,9 @@ class DataSection(_Section):
     lsun_classes: list[str] = Field(["bedroom_train"], min_length=1, description="LSUN categories to read.")
     download: bool = Field(False, description="Let torchvision download mnist / cifar10 into root.")
     shard_size: int = Field(8192, gt=0, description="Images per shard file.")
-    prepare_workers: int = Field(0, ge=0, description="Decode processes at prepare time; 0 = all cores.")
+    prepare_workers: int = Field(
+        0, ge=0, description="Decode processes at prepare time; 0 = the CPUs this process may use (affinity, cgroup quota)."
+    )
 
     @model_validator(mode="after")
     def _root_for_file_sources(self) -> "DataSection":
@@ -58,10 +69,11 @@ class DataSection(_Section):
             raise ValueError(f"data.root is required for data.source={self.source!r} (the folder to read)")
         return self
 
-    def resolved_prepared_dir(self) -> Path:
+    def resolved_prepared_dir(self) -> str:
+        """The prepared directory's path or URI."""
         if self.prepared_dir is not None:
             return self.prepared_dir
-        return Path("data") / "prepared" / f"{self.source}-{self.image_size}px-{self.channels}ch"
+        return str(Path("data") / "prepared" / f"{self.source}-{self.image_size}px-{self.channels}ch")
 
 
 class ModelSection(_Section):
@@ -98,6 +110,12 @@ class CheckpointSection(_Section):
     keep: int = Field(
         3, ge=2, description="Complete checkpoints kept; at least 2 so a corrupt newest one has a fallback."
     )
+    stop_check_every: int = Field(
+        10,
+        gt=0,
+        description="Steps between the ranks' checks for a stop request (SIGTERM, node preemption), after which "
+        "they checkpoint and exit; a stop waits at most this many steps, and each check is one all-reduce.",
+    )
 
 
 class LoggingSection(_Section):
@@ -120,9 +138,10 @@ class RuntimeSection(_Section):
     ray_address: Optional[str] = Field(
         None, description="Ray cluster to join (e.g. auto, ray://host:10001); none = start a local Ray on 127.0.0.1."
     )
-    storage_path: Optional[Path] = Field(
+    storage_path: Optional[PathOrUri] = Field(
         None,
-        description="Directory holding runs, instead of run.dir; on a multi-node cluster it must be shared storage.",
+        description="Where runs live, instead of run.dir: a path (on a multi-node cluster, shared storage that "
+        "every node mounts at that path) or a URI pyarrow.fs resolves (s3://bucket/runs, gs://...).",
     )
 
 
@@ -149,14 +168,43 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _cluster_paths_are_absolute(self) -> "Config":
+        """A job on a Ray cluster runs in a temporary working directory that Ray deletes: a
+        relative path would put the run (or look for the data) there."""
+        if self.runtime.runner != "ray" or not self.runtime.ray_address:
+            return self
+        used = {"runtime.storage_path": self.runtime.storage_path}
+        if self.runtime.storage_path is None:
+            used["run.dir"] = self.run.dir
+        used["data.prepared_dir"] = self.data.resolved_prepared_dir()
+        if self.data.root is not None:
+            used["data.root"] = self.data.root
+        for field, value in used.items():
+            if value is not None and not storage.is_uri(value) and not Path(value).is_absolute():
+                default = " (the default)" if field == "data.prepared_dir" and self.data.prepared_dir is None else ""
+                raise ValueError(
+                    f"{field}={str(value)!r}{default} is relative, and runtime.ray_address={self.runtime.ray_address!r} "
+                    "runs the job in a temporary directory that Ray deletes: give an absolute path on storage "
+                    "every node shares, or a URI (s3://...)"
+                )
+        return self
+
     @property
-    def runs_root(self) -> Path:
-        """Parent of the run directory: runtime.storage_path when set, else run.dir."""
-        return self.runtime.storage_path if self.runtime.storage_path is not None else self.run.dir
+    def runs_root(self) -> str:
+        """Parent of the run directory (a path or a URI): runtime.storage_path when set, else run.dir."""
+        return str(self.runtime.storage_path if self.runtime.storage_path is not None else self.run.dir)
+
+    @property
+    def run_address(self) -> str:
+        """The run directory as a path or a URI."""
+        return storage.join(self.runs_root, self.run.name)
 
     @property
     def run_dir(self) -> Path:
-        return self.runs_root / self.run.name
+        """The run directory of a run on a filesystem."""
+        assert not storage.is_uri(self.runs_root), f"{self.runs_root} is a URI: use run_address"
+        return Path(self.runs_root) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

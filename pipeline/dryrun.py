@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +18,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import storage
 from pipeline.backends import create_backend
 from pipeline.checkpoint import CheckpointError, verify
 from pipeline.config import Config
@@ -31,21 +31,12 @@ DEFAULT_STEPS = 12
 REPORT_FILE = "dryrun-report.json"
 
 
-def scratch_dir(cfg: Config) -> Path:
-    return cfg.runs_root / f"{cfg.run.name}-dryrun"
-
-
-def reset_scratch_dir(cfg: Config) -> None:
-    """Every dry run starts from an empty scratch directory (run once, before any rank starts)."""
-    shutil.rmtree(scratch_dir(cfg), ignore_errors=True)
-
-
 def dry_run(
     cfg: Config,
-    ctx: RankContext = LOCAL,
-    steps: int = DEFAULT_STEPS,
-    on_checkpoint: CheckpointHook = no_checkpoint_hook,
-    prune_checkpoints: bool = True,
+    ctx: RankContext,
+    steps: int,
+    on_checkpoint: CheckpointHook,
+    scratch_address: str,
 ) -> Optional[dict[str, Any]]:
     """Run the dry run on this rank; the chief returns the report (and writes it to disk)."""
     full_steps = cfg.train.steps
@@ -55,10 +46,8 @@ def dry_run(
     cfg.logging.every = max(1, steps // 3)
     cfg.logging.samples_every = steps
     cfg.checkpoint.every = steps
-    run_dir = scratch_dir(cfg)
-    session = TrainingSession(
-        cfg, ctx, run_dir=run_dir, on_checkpoint=on_checkpoint, prune_checkpoints=prune_checkpoints
-    )
+    session = TrainingSession(cfg, ctx, run_address=scratch_address, on_checkpoint=on_checkpoint)
+    run_dir = session.run_dir
     with session:
         summary = session.run(total_steps=steps)
         if not ctx.is_chief:
@@ -80,16 +69,17 @@ def dry_run(
         "checkpoint": str(checkpoint),
         "checkpoint_bytes": sum(f.stat().st_size for f in checkpoint.iterdir()),
         "tensors_checked": checked,
-        "run_dir": str(run_dir),
+        "run_dir": scratch_address,
         "full_run_steps": full_steps,
         "full_run_eta_s": full_steps * step_ms / 1000.0,
     }
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    session.run_files.sync()
     return report
 
 
-def read_report(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / REPORT_FILE).read_text())
+def read_report(scratch_address: str) -> dict[str, Any]:
+    return json.loads(storage.location(scratch_address).read_text(REPORT_FILE))
 
 
 def _check_reload(cfg: Config, expected: dict[str, str], checkpoint: Path) -> int:
@@ -133,8 +123,8 @@ def print_report(report: dict[str, Any], console: Optional[Console] = None) -> N
         ("peak memory", memory + (" of rank 0" if ranks > 1 else "")),
         ("checkpoint", f"{report['checkpoint']} ({_mib(report['checkpoint_bytes'])}), "
                        f"reloaded: {report['tensors_checked']} tensors identical"),  # fmt: skip
-        ("tensorboard", str(Path(report["run_dir"]) / "tb")),
-        ("samples", str(Path(report["run_dir"]) / "samples" / f"step-{report['steps']:08d}.png")),
+        ("tensorboard", storage.join(report["run_dir"], "tb")),
+        ("samples", storage.join(report["run_dir"], f"samples/step-{report['steps']:08d}.png")),
         ("full run", f"{report['full_run_steps']:,} steps, ETA {format_seconds(report['full_run_eta_s'])} at this speed"),
     ]
     for name, value in rows:

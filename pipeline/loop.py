@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from pipeline import tensorboard as tb
 from pipeline.backends.base import Backend, NonFiniteError
-from pipeline.checkpoint import CheckpointManager
+from pipeline.checkpoint import CheckpointInfo, CheckpointManager, step_dir_name
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.data.sharding import DataPosition, EpochSharder
@@ -27,13 +27,32 @@ from pipeline.progress import Progress
 
 TRAINER_STATE_FILE = "trainer.json"
 
-# Called on every rank at every checkpoint step with (step, checkpoint dir on the chief else
+# Called on every rank at every checkpoint step with (step, the checkpoint on the chief else
 # None, the metrics of the closing log window); a distributed runner hands it to its framework.
-CheckpointHook = Callable[[int, Optional[Path], dict[str, float]], None]
+CheckpointHook = Callable[[int, Optional[CheckpointInfo], dict[str, float]], None]
+
+# Asked on every rank at the same steps: has this rank been told to stop (SIGTERM, a node
+# about to be preempted)? The loop agrees on the answer over all ranks.
+StopCheck = Callable[[], bool]
 
 
-def no_checkpoint_hook(step: int, path: Optional[Path], metrics: dict[str, float]) -> None:
+def no_checkpoint_hook(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
     pass
+
+
+def never_stop() -> bool:
+    return False
+
+
+class Preempted(RuntimeError):
+    """The ranks stopped at a step boundary on request, after writing a checkpoint there."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(
+            f"stopped on request (SIGTERM or node preemption) at step {step}, after writing {checkpoint}; "
+            "running the same job again resumes there"
+        )
+        self.step = step
 
 
 def every(step: int, interval: int) -> bool:
@@ -99,6 +118,7 @@ def run_loop(
     progress: Progress,
     total_steps: Optional[int] = None,
     on_checkpoint: CheckpointHook = no_checkpoint_hook,
+    stop_requested: StopCheck = never_stop,
 ) -> LoopSummary:
     total = cfg.train.steps if total_steps is None else total_steps
     sharder = EpochSharder(
@@ -113,7 +133,9 @@ def run_loop(
     for step in range(state.step + 1, total + 1):
         window.add(backend.train_step(next(batches), step))
         last = step == total
-        save_now = every(step, cfg.checkpoint.every) or last
+        # A collective at its own cadence: every rank must learn of a stop at the same step.
+        stop = every(step, cfg.checkpoint.stop_check_every) and backend.any_rank(stop_requested())
+        save_now = every(step, cfg.checkpoint.every) or last or stop
         log_now = every(step, cfg.logging.every) or save_now or last
         if log_now:
             summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
@@ -122,13 +144,16 @@ def run_loop(
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
             trainer_state = TrainerState(step=step, position=sharder.position_after(state.position, step - state.step))
-            path = _save(cfg, ctx, backend, checkpoints, trainer_state)
-            on_checkpoint(step, path, {**summary.last_metrics, "step": step})
-            summary.checkpoints += [path] if path else []
+            saved = _save(cfg, ctx, backend, checkpoints, trainer_state)
+            on_checkpoint(step, saved, {**summary.last_metrics, "step": step})
+            summary.checkpoints += [saved.path] if saved else []
             last_checkpoint_step = step
         if log_now:  # opened after sampling and saving, so step times measure training alone
             window = _Window(step + 1)
         summary.end_step = step
+        if stop and not last:
+            writer.flush()
+            raise Preempted(step, f"{checkpoints.directory}/{step_dir_name(step)}")
     writer.flush()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -166,7 +191,7 @@ def _save(
     backend: Backend,
     checkpoints: CheckpointManager,
     state: TrainerState,
-) -> Optional[Path]:
+) -> Optional[CheckpointInfo]:
     """All ranks synchronize and check their replicas; the chief alone writes a checkpoint."""
     backend.synchronize_replicas()
     if not ctx.is_chief:

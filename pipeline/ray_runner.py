@@ -1,45 +1,54 @@
 """The Ray Train runner: the only module that imports ray.
 
-The driver (the `dcgan train` process) checks the input, prepares the data, settles where the
-run starts, then hands one worker function per rank to Ray Train's TorchTrainer. Each worker
-runs the same TrainingSession as the local runner, with its rank's context; at every
-checkpoint step every rank calls `ray.train.report` (a barrier), and the chief attaches the
-checkpoint directory it has just written into the run directory, which is Ray's experiment
-directory (storage_path/name), so Ray registers it in place instead of copying it.
+The driver (the `dcgan train` process) gets a planned Job (pipeline.job: input checked, data
+prepared, start settled) and ships it unchanged to every rank through Ray Train's
+TorchTrainer or TensorflowTrainer; it does not know whether the job trains or dry-runs.
+
+Checkpoints live in the run's own storage under our protocol (pipeline.checkpoint), written
+by rank 0. What rank 0 reports to Ray is a pointer to that checkpoint, so Ray's
+`get_checkpoint()` serves exactly one purpose: after a worker failure inside one `fit`, the
+restarted workers continue from the newest checkpoint of that fit (if it verifies; else they
+fall back as the driver would). Each fit has an experiment directory of its own, so a
+resubmit never picks up an older fit's checkpoint behind the driver's back.
+
+Before training, every worker checks that it sees a file the driver has just written into the
+run directory (and the prepared data) on a path: a node without the shared storage fails the
+run at once, by name, instead of training into its own disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
-import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline import config
-from pipeline.checkpoint import CheckpointManager
-from pipeline.config import Config
-from pipeline.context import RankContext
-from pipeline.data import ensure_prepared
-from pipeline.session import StartOptions, TrainingSession, move_aside, select_start
+from pipeline import storage
+from pipeline.checkpoint import CheckpointInfo
+from pipeline.context import RankContext, available_cpus
+from pipeline.job import Job
+
+POINTER_FILE = "pointer.json"
+PROBE_DIR = ".storage-check"
+RAY_DIR = ".ray"  # Ray Train's experiment directories, one per fit
+
 
 class RunFailed(RuntimeError):
     """The Ray job ended without finishing; the message says why and what to do."""
 
 
-def _absolute(cfg: Config) -> Config:
-    """Workers may start in another directory: every path they get is absolute."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.runtime.storage_path = cfg.runs_root.resolve()
-    cfg.data.prepared_dir = cfg.data.resolved_prepared_dir().resolve()
-    if cfg.data.root is not None:
-        cfg.data.root = cfg.data.root.resolve()
-    return cfg
-
-
-def _connect(cfg: Config) -> None:
+def _connect(job: Job) -> None:
     import ray
 
+    cfg = job.cfg
     if ray.is_initialized():
         return
     if cfg.runtime.ray_address:
@@ -49,52 +58,37 @@ def _connect(cfg: Config) -> None:
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
     wanted = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, wanted),
+        num_cpus=max(available_cpus(), wanted),
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",  # the dashboard serves the state API Ray Train polls
         logging_level=logging.WARNING,
     )
 
 
-def run(
-    cfg: Config, options: StartOptions, dry_run_steps: Optional[int] = None, train_fn: Optional[Callable] = None
-) -> dict[str, Any]:
-    """Train (or dry-run) on Ray; returns the last reported metrics, or the dry-run report.
-
-    `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker).
-    """
-    cfg = _absolute(cfg)
-    ensure_prepared(cfg.data)  # once, here, not by N workers at the same time
-    if dry_run_steps is not None:
-        from pipeline.dryrun import reset_scratch_dir
-
-        reset_scratch_dir(cfg)
-        start = None
-    else:
-        if options.fresh:
-            move_aside(cfg.run_dir)
-        # Bad checkpoints and mismatched models are reported here, before any worker starts.
-        checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", keep=None)
-        start = select_start(cfg, checkpoints, StartOptions(resume=options.resume))
-    _connect(cfg)
-    trainer = build_trainer(cfg, start.path if start else None, dry_run_steps, train_fn or _worker)
+def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
+    """Run `job` on every rank; returns its result (the last reported metrics, or the dry-run
+    report). `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker)."""
+    _connect(job)
+    probes = write_storage_probes(job)
+    experiment = storage.join(job.run_address, f"{RAY_DIR}/fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    trainer = build_trainer(job, probes, experiment, train_fn or _worker)
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker exceptions; say what failed and what to do
-        raise RunFailed(_explain(err, cfg)) from None
-    if dry_run_steps is not None:
-        from pipeline.dryrun import read_report, scratch_dir
+        raise RunFailed(_explain(err, job)) from None
+    finally:
+        for probe in probes:  # only our own: other runs' jobs may share the prepared data
+            Path(probe).unlink(missing_ok=True)
+        # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
+        storage.location(job.run_address).delete(RAY_DIR)
+    return job.result(dict(result.metrics or {}))
 
-        return read_report(scratch_dir(cfg))
-    return dict(result.metrics or {})
 
-
-def build_trainer(cfg: Config, resume: Optional[Path], dry_run_steps: Optional[int], train_fn: Callable):
+def build_trainer(job: Job, probes: list[str], experiment: str, train_fn: Callable):
     """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    from pipeline.dryrun import scratch_dir
-
+    cfg = job.cfg
     if cfg.backend == "tensorflow":
         from pipeline.backends.tf_backend.quiet import import_tensorflow
 
@@ -103,31 +97,27 @@ def build_trainer(cfg: Config, resume: Optional[Path], dry_run_steps: Optional[i
     else:
         from ray.train.torch import TorchTrainer as Trainer
 
-    name = scratch_dir(cfg).name if dry_run_steps is not None else cfg.run.name
+    parent, _, name = experiment.partition("?")[0].rpartition("/")
+    query = experiment.partition("?")[2]
     return Trainer(
         train_fn,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "resume": str(resume) if resume else None,
-            "dry_run_steps": dry_run_steps,
-        },
+        train_loop_config={"job": dataclasses.asdict(job), "probes": probes},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
-        # The experiment directory storage_path/name is the run directory: Ray's checkpoint
-        # registry, retention and restore work on the same step directories as ours.
         run_config=RunConfig(
             name=name,
-            storage_path=str(cfg.runs_root),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            storage_path=parent + (f"?{query}" if query else ""),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # pointers; our manager keeps the checkpoints
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
 
 
-def _explain(err: Exception, cfg: Config) -> str:
+def _explain(err: Exception, job: Job) -> str:
+    cfg = job.cfg
     failures = getattr(err, "worker_failures", None) or {}
     causes = [f"rank {rank}: {_root_message(cause)}" for rank, cause in sorted(failures.items())]
     text = "; ".join(causes) or _root_message(err)
@@ -150,17 +140,95 @@ def _is_lost_worker(err: BaseException) -> bool:
     return isinstance(err, (ray.exceptions.ActorDiedError, ray.exceptions.RayActorError)) or "died" in str(err)
 
 
+# --- shared storage -----------------------------------------------------------------------
+
+
+def write_storage_probes(job: Job) -> list[str]:
+    """A fresh file in each directory on a path that every worker must share with the driver:
+    the run directory, and the prepared data. Object storage is shared by construction."""
+    nonce = uuid.uuid4().hex
+    probes = []
+    for address in (job.run_address, job.cfg.data.resolved_prepared_dir()):
+        if not storage.is_uri(address):
+            probe = storage.join(address, f"{PROBE_DIR}/{nonce}")
+            storage.location(address).write_text(f"{PROBE_DIR}/{nonce}", nonce)
+            probes.append(probe)
+    return probes
+
+
+class StorageNotShared(RuntimeError):
+    """A worker does not see the storage the driver writes to."""
+
+
+def check_storage_probes(probes: list[str]) -> None:
+    import ray.util
+
+    for probe in probes:
+        if not Path(probe).is_file():
+            where = Path(probe).parent.parent
+            raise StorageNotShared(
+                f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}) does not see {probe}, which the "
+                f"driver has just written: {where} is not shared storage. Every node must mount the same storage "
+                "at the same path (NFS, a ReadWriteMany volume), or set runtime.storage_path / data.prepared_dir "
+                "to an object-store URI (s3://bucket/prefix, gs://...)"
+            )
+
+
 # --- on each worker -----------------------------------------------------------------------
 
+_SIGTERM = threading.Event()
 
-def _report(step: int, path: Optional[Path], metrics: dict[str, float]) -> None:
+
+def _on_sigterm(signum, frame) -> None:
+    _SIGTERM.set()  # the ranks agree on the next check step, checkpoint there and stop
+
+
+def _install_sigterm_handler() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _catch_sigterm() -> None:
+    """Python signal handlers belong to the main thread, and Ray Train runs the training
+    function in another one: the worker actor's main thread installs it (actor tasks run there)."""
+    import ray
+
+    if threading.current_thread() is threading.main_thread():
+        _install_sigterm_handler()
+        return
+    actor = ray.get_runtime_context().current_actor
+    ray.get(actor.execute.remote(_install_sigterm_handler))
+
+
+def _stop_requested() -> bool:
+    """A SIGTERM to this worker, or a node drain Ray Train reports (a barrier on every rank)."""
+    import ray.train
+
+    preempted = ray.train.get_preemption_info() is not None
+    return _SIGTERM.is_set() or preempted
+
+
+def _report(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
+    """Every rank reports (a barrier); rank 0 attaches a pointer to the checkpoint it wrote."""
     import ray.train
     from ray.train import Checkpoint
-    from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    checkpoint = Checkpoint.from_directory(str(path)) if path is not None else None
-    # NO_UPLOAD: the directory already lies in the experiment directory on shared storage.
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    if saved is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="dcgan-pointer-") as directory:
+        (Path(directory) / POINTER_FILE).write_text(json.dumps({"step": step, "checkpoint": saved.address}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def _restored_address() -> Optional[str]:
+    """The checkpoint this fit reported last, when Ray restarts the workers after a failure."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return None
+    with restored.as_directory() as directory:
+        return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoint"]
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
@@ -171,16 +239,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     context = ray.train.get_context()
     ctx = RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size())
-    cfg = config.validate(loop_config["config"], "the driver's resolved config")
-    steps = loop_config["dry_run_steps"]
-    if steps is not None:
-        from pipeline.dryrun import dry_run
-
-        dry_run(cfg, ctx, steps, on_checkpoint=_report, prune_checkpoints=False)
-        return
-    # After a worker failure Ray restarts every worker; they continue from its newest checkpoint.
-    restored = ray.train.get_checkpoint()
-    resume = restored.path if restored is not None else loop_config["resume"]
-    options = StartOptions(resume=Path(resume) if resume else None)
-    with TrainingSession(cfg, ctx, options, on_checkpoint=_report, prune_checkpoints=False) as session:
-        session.run()
+    check_storage_probes(loop_config["probes"])
+    _catch_sigterm()
+    job = Job(**loop_config["job"])
+    job.run(ctx, on_checkpoint=_report, stop_requested=_stop_requested, restart=_restored_address())

@@ -1,70 +1,28 @@
-"""One rank's training session: choose where to start, build, run the loop, close on every path.
+"""One rank's training session: build from the start the driver chose, run the loop, close on
+every path.
 
 The local runner runs one session in-process; a distributed runner runs one per rank with
-that rank's RankContext.
+that rank's RankContext. Where the run starts is decided before, once, by the driver
+(pipeline.job); a session only loads it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pipeline import storage
 from pipeline import tensorboard as tb
 from pipeline.backends import Backend, create_backend
-from pipeline.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, verify
-from pipeline.config import Config, model_mismatch
+from pipeline.checkpoint import CheckpointInfo, CheckpointManager
+from pipeline.config import Config
 from pipeline.context import LOCAL, RankContext
-from pipeline.data import DataError, ShardedImages, ensure_prepared
-from pipeline.loop import CheckpointHook, LoopSummary, TrainerState, no_checkpoint_hook, run_loop
+from pipeline.data import DataError, ShardedImages, local_prepared_dir
+from pipeline.loop import CheckpointHook, LoopSummary, StopCheck, TrainerState, never_stop, no_checkpoint_hook, run_loop
 from pipeline.progress import Progress, make_progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StartOptions:
-    fresh: bool = False  # never resume; an existing run directory is moved aside, not deleted
-    resume: Optional[Path] = None  # resume from this checkpoint directory
-
-
-def select_start(cfg: Config, checkpoints: CheckpointManager, options: StartOptions) -> Optional[CheckpointInfo]:
-    """The checkpoint to resume from, or None for a fresh start; never a silent fresh start."""
-    if options.resume is not None:
-        info = verify(options.resume)
-    elif options.fresh:
-        return None
-    else:
-        info = checkpoints.latest()
-        if info is None and checkpoints.complete_steps():
-            raise CheckpointError(
-                f"no checkpoint in {checkpoints.directory} verifies (see the warnings above); "
-                "pass --resume PATH to pick one, or --fresh to start over (the old run directory is kept)"
-            )
-    if info is None:
-        return None
-    framework = info.manifest.get("framework")
-    if framework != cfg.backend:
-        raise CheckpointError(
-            f"{info.path} was written by backend {framework!r}, the config asks for {cfg.backend!r}; "
-            f"convert it with: dcgan convert {info.path} --to {cfg.backend} --out NEW_DIR, then --resume NEW_DIR"
-        )
-    diffs = model_mismatch(info.config, cfg)
-    if diffs:
-        raise CheckpointError(f"{info.path} does not fit this config:\n  " + "\n  ".join(diffs))
-    return info
-
-
-def move_aside(run_dir: Path) -> Optional[Path]:
-    """--fresh keeps the previous run: <run> becomes <run>.replaced-<time>."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(target)
-    log.info("--fresh: moved the previous run to %s", target)
-    return target
 
 
 class TrainingSession:
@@ -77,52 +35,58 @@ class TrainingSession:
         self,
         cfg: Config,
         ctx: RankContext = LOCAL,
-        options: StartOptions = StartOptions(),
-        run_dir: Optional[Path] = None,
+        start: Optional[CheckpointInfo] = None,
+        run_address: Optional[str] = None,
         progress: Optional[Progress] = None,
         on_checkpoint: CheckpointHook = no_checkpoint_hook,
-        prune_checkpoints: bool = True,
+        stop_requested: StopCheck = never_stop,
     ):
-        self.cfg, self.ctx, self.on_checkpoint = cfg, ctx, on_checkpoint
-        self.run_dir = Path(run_dir or cfg.run_dir)
+        self.cfg, self.ctx, self.start, self.stop_requested = cfg, ctx, start, stop_requested
+        self.run_files = storage.RunDirectory(run_address or cfg.run_address)
+        self.run_dir = self.run_files.local  # on this node: the run itself, or its mirror of a URI run
         # Everything that can reject the input runs before the first write to the run directory.
-        self.images = ShardedImages(ensure_prepared(cfg.data))
+        self.images = ShardedImages(local_prepared_dir(cfg.data))
         if len(self.images) < cfg.train.global_batch_size:
             raise DataError(
                 f"{self.images.directory} holds {len(self.images)} images, fewer than one global batch "
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
-        keep = cfg.checkpoint.keep if prune_checkpoints else None
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep)
-        self.start = select_start(cfg, self.checkpoints, options)
+        self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep)
         if ctx.is_chief:
-            if options.fresh:
-                move_aside(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
 
         self.backend: Backend = create_backend(cfg, ctx)
         self.state = TrainerState()
-        if self.start is not None:
-            self.backend.load(self.start.path)
-            self.state = TrainerState.read(self.start.path)
-            saved_world = self.start.manifest.get("world_size", 1)
+        if start is not None:
+            self.backend.load(start.path)
+            self.state = TrainerState.read(start.path)
+            saved_world = start.manifest.get("world_size", 1)
             log.info("resuming from %s (step %d, written by %d rank(s), now %d)",
-                     self.start.path, self.state.step, saved_world, ctx.world_size)  # fmt: skip
-        self.writer = tb.open_writer(self.run_dir, ctx.is_chief, purge_step=self.state.step + 1 if self.start else None)
-        if self.start is None:
+                     start.address, self.state.step, saved_world, ctx.world_size)  # fmt: skip
+        self.writer = tb.open_writer(self.run_dir, ctx.is_chief, purge_step=self.state.step + 1 if start else None)
+        if start is None:
             self.writer.hparams(tb.flat_hparams(cfg.to_dict()), {tag: 0.0 for tag in tb.SCALAR_TAGS})
         self.progress = progress or make_progress(ctx.is_chief)
 
+        def on_checkpoint_synced(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
+            self.writer.flush()  # events and samples reach the run's storage with each checkpoint
+            self.run_files.sync()
+            on_checkpoint(step, saved, metrics)
+
+        self.on_checkpoint = on_checkpoint_synced
+
     def run(self, total_steps: Optional[int] = None) -> LoopSummary:
         return run_loop(
-            self.cfg, self.ctx, self.backend, self.images, self.state,
-            self.checkpoints, self.writer, self.progress, total_steps, self.on_checkpoint,
+            self.cfg, self.ctx, self.backend, self.images, self.state, self.checkpoints,
+            self.writer, self.progress, total_steps, self.on_checkpoint, self.stop_requested,
         )  # fmt: skip
 
     def close(self) -> None:
         self.progress.close()
         self.writer.close()
+        if self.ctx.is_chief:
+            self.run_files.sync()
         self.backend.close()
 
     def __enter__(self) -> "TrainingSession":

@@ -35,7 +35,7 @@ from pipeline.checkpoint import (
     step_dir_name,
     verify,
 )
-from pipeline.session import StartOptions, select_start
+from pipeline.job import StartOptions, select_start
 from tests.conftest import ROOT, small_config
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_save_writes_complete_step_dir_with_manifest_and_latest(ckdir: Path, tin
     files = {**files_for(4), "nested/extra.bin": b"\x00\x01\x02"}
     meta = {"framework": "torch", "world_size": 3, "config": tiny_cfg.to_dict()}
 
-    final = manager.save(4, payload(files), meta)
+    final = manager.save(4, payload(files), meta).path
 
     assert final == ckdir / "step-00000004" == ckdir / step_dir_name(4)
     assert final.is_dir()
@@ -144,7 +144,7 @@ def test_save_writes_complete_step_dir_with_manifest_and_latest(ckdir: Path, tin
     assert info.step == 4
     assert info.config == tiny_cfg.to_dict()
     assert manager.latest() == info
-    assert manager.complete_steps() == [final]
+    assert manager.complete_steps() == [final.name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_save_writes_complete_step_dir_with_manifest_and_latest(ckdir: Path, tin
 
 @pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
 def test_payload_writer_raising_midway_leaves_no_partial_checkpoint(two_saved: CheckpointManager, exc_type):
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     before = {name: tree_digest(ckdir / name) for name in step_dirs(ckdir)}
 
     def write_files(directory: Path) -> None:
@@ -215,7 +215,7 @@ _CRASH_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("point", ["mid-payload", "before-rename", "before-latest"])
 def test_killed_save_never_yields_a_partial_checkpoint(two_saved: CheckpointManager, point: str):
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     before = {name: tree_digest(ckdir / name) for name in step_dirs(ckdir)}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
@@ -227,22 +227,23 @@ def test_killed_save_never_yields_a_partial_checkpoint(two_saved: CheckpointMana
     for name, digest in before.items():
         assert tree_digest(ckdir / name) == digest
     steps = two_saved.complete_steps()
-    assert all(not p.name.endswith(".tmp") for p in steps)
+    assert all(not p.endswith(".tmp") for p in steps)
     info = two_saved.latest()
     assert info is not None and not info.path.name.endswith(".tmp")
 
     if point == "before-latest":
-        # The new checkpoint was complete before LATEST moved: it is whole and it is used.
+        # The new checkpoint was complete before LATEST moved, so it is whole; but a checkpoint
+        # counts once LATEST names it, and LATEST still names the previous one.
         assert not (ckdir / "step-00000012.tmp").exists()
-        assert info.step == 12 and verify(ckdir / "step-00000012").step == 12
-        assert latest_name(ckdir) == "step-00000008"  # LATEST still names a complete one
+        assert verify(ckdir / "step-00000012").step == 12
+        assert info.step == 8 and latest_name(ckdir) == "step-00000008"
     else:
         staging = ckdir / "step-00000012.tmp"
         assert staging.is_dir(), "the crash should have left the staging directory behind"
         assert (staging / MANIFEST).is_file() == (point == "before-rename")
         assert not (ckdir / "step-00000012").exists()
         assert info.step == 8 and info.path == ckdir / "step-00000008"
-        assert [p.name for p in steps] == ["step-00000008", "step-00000004"]
+        assert steps == ["step-00000008", "step-00000004"]
         assert latest_name(ckdir) == "step-00000008"
 
     # The next save (the rerun) cleans every leftover up.
@@ -253,14 +254,14 @@ def test_killed_save_never_yields_a_partial_checkpoint(two_saved: CheckpointMana
 
 
 def test_rerun_of_the_crashed_step_replaces_its_staging_dir(two_saved: CheckpointManager):
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     leftover = ckdir / "step-00000012.tmp"
     leftover.mkdir()
     (leftover / "stale.bin").write_bytes(b"from the crashed attempt")
     (leftover / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": 12, "files": {"stale.bin": "0" * 64}}))
     assert two_saved.latest().step == 8
 
-    final = two_saved.save(12, payload(files_for(12)), {})
+    final = two_saved.save(12, payload(files_for(12)), {}).path
 
     assert not leftover.exists()
     assert sorted(tree_digest(final)) == sorted([*files_for(12), MANIFEST])
@@ -268,12 +269,12 @@ def test_rerun_of_the_crashed_step_replaces_its_staging_dir(two_saved: Checkpoin
 
 
 def test_step_dir_without_manifest_is_ignored(two_saved: CheckpointManager):
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     handmade = ckdir / "step-00000012"
     handmade.mkdir()
     (handmade / "generator.pt").write_bytes(b"no manifest here")
 
-    assert handmade not in two_saved.complete_steps()
+    assert handmade.name not in two_saved.complete_steps()
     assert two_saved.latest().step == 8
     with pytest.raises(CheckpointError, match="no manifest.json"):
         verify(handmade)
@@ -281,7 +282,7 @@ def test_step_dir_without_manifest_is_ignored(two_saved: CheckpointManager):
     (ckdir / "step-12").mkdir()
     (ckdir / "step-00000099.old").mkdir()
     shutil.copy(ckdir / "step-00000008" / MANIFEST, ckdir / "step-12" / MANIFEST)
-    assert [p.name for p in two_saved.complete_steps()] == ["step-00000008", "step-00000004"]
+    assert two_saved.complete_steps() == ["step-00000008", "step-00000004"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_corrupt_newest_falls_back_with_a_warning(two_saved: CheckpointManager, caplog, kind: str):
     corrupt, reason = CORRUPTIONS[kind]
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     newest = ckdir / "step-00000008"
     corrupt(newest)
     with pytest.raises(CheckpointError, match=reason):
@@ -360,7 +361,7 @@ def test_corrupt_newest_falls_back_with_a_warning(two_saved: CheckpointManager, 
 
 def test_select_start_resumes_from_the_fallback(two_saved: CheckpointManager, tmp_path: Path):
     cfg = small_config(tmp_path)
-    flip_byte(two_saved.directory / "step-00000008" / "discriminator.pt")
+    flip_byte(Path(two_saved.directory) / "step-00000008" / "discriminator.pt")
 
     info = select_start(cfg, two_saved, StartOptions())
 
@@ -370,7 +371,7 @@ def test_select_start_resumes_from_the_fallback(two_saved: CheckpointManager, tm
 @pytest.mark.parametrize("kind", ["flipped-byte", "truncated-manifest", "manifest-not-utf8"])
 def test_all_corrupt_gives_none_and_select_start_refuses(two_saved: CheckpointManager, tmp_path: Path, caplog, kind):
     corrupt, _ = CORRUPTIONS[kind]
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     for name in ("step-00000004", "step-00000008"):
         corrupt(ckdir / name)
     caplog.set_level(logging.WARNING, logger="pipeline.checkpoint")
@@ -401,7 +402,7 @@ def test_keep_two_after_five_saves(ckdir: Path):
         manager.save(step, payload(files_for(step)), {})
 
     assert step_dirs(ckdir) == ["step-00000016", "step-00000020"]
-    assert [p.name for p in manager.complete_steps()] == ["step-00000020", "step-00000016"]
+    assert manager.complete_steps() == ["step-00000020", "step-00000016"]
     assert latest_name(ckdir) == "step-00000020"
     assert manager.latest().step == 20
     for name in step_dirs(ckdir):
@@ -420,7 +421,7 @@ def test_keep_below_two_is_rejected_by_the_config(tmp_path: Path, keep: int):
 
 
 def _assert_previous_intact(manager: CheckpointManager, before: dict[str, str], failed_step: int) -> None:
-    ckdir = manager.directory
+    ckdir = Path(manager.directory)
     assert tree_digest(ckdir / "step-00000004") == before
     assert not (ckdir / step_dir_name(failed_step)).exists()
     assert staging_dirs(ckdir) == []
@@ -452,7 +453,7 @@ def test_enospc_on_a_real_full_filesystem_keeps_the_previous_checkpoint(tmpfs_1m
     manager = CheckpointManager(tmpfs_1m / "checkpoints", keep=2)
     rng = np.random.default_rng(0)
     manager.save(4, payload({"generator.pt": rng.bytes(256 * 1024), "trainer.json": b"{}"}), {})
-    before = tree_digest(manager.directory / "step-00000004")
+    before = tree_digest(Path(manager.directory) / "step-00000004")
     free_before = os.statvfs(tmpfs_1m).f_bfree
 
     too_big = {"generator.pt": rng.bytes(200 * 1024), "discriminator.pt": rng.bytes(2 * 1024 * 1024)}
@@ -465,7 +466,7 @@ def test_enospc_on_a_real_full_filesystem_keeps_the_previous_checkpoint(tmpfs_1m
     # And the space is really back: a save that fits now succeeds.
     manager.save(8, payload({"generator.pt": rng.bytes(128 * 1024)}), {})
     assert manager.latest().step == 8
-    assert tree_digest(manager.directory / "step-00000004") == before
+    assert tree_digest(Path(manager.directory) / "step-00000004") == before
 
 
 def test_enospc_from_the_payload_writer_keeps_the_previous_checkpoint(ckdir: Path):
@@ -527,11 +528,11 @@ def test_enospc_at_every_fsync_never_breaks_the_checkpoint_set(tmp_path: Path, m
         new = ckdir / "step-00000008"
         info = manager.latest()
         if new.exists():  # failed after the rename: the new checkpoint is whole
-            assert info.step == 8 and tree_digest(new).keys() == {*files_for(8), MANIFEST}, failing
+            assert tree_digest(new).keys() == {*files_for(8), MANIFEST}, failing
         else:
             assert info.step == 4, failing
-        # LATEST only ever names a checkpoint that verifies.
-        assert verify(ckdir / latest_name(ckdir)).step in (4, 8), failing
+        # LATEST only ever names a checkpoint that verifies, and discovery follows it.
+        assert verify(ckdir / latest_name(ckdir)).step == info.step, failing
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,11 +540,11 @@ def test_enospc_at_every_fsync_never_breaks_the_checkpoint_set(tmp_path: Path, m
 
 
 def test_resaving_the_same_step_replaces_it_whole(two_saved: CheckpointManager):
-    ckdir = two_saved.directory
+    ckdir = Path(two_saved.directory)
     older = tree_digest(ckdir / "step-00000004")
     new_files = {"generator.pt": b"replacement", "other.bin": b"only in the new one"}
 
-    final = two_saved.save(8, payload(new_files), {"framework": "torch", "attempt": 2})
+    final = two_saved.save(8, payload(new_files), {"framework": "torch", "attempt": 2}).path
 
     assert sorted(tree_digest(final)) == sorted([*new_files, MANIFEST])
     assert not (final / "discriminator.pt").exists()  # nothing of the old step-8 survives
@@ -602,7 +603,7 @@ def test_torch_payload_round_trip(tmp_path: Path, ckdir: Path):
     backend = TorchBackend(cfg, LOCAL)
     _train(backend, 2)
     manager = CheckpointManager(ckdir, keep=2)
-    final = _save(cfg, LOCAL, backend, manager, TrainerState(step=2))
+    final = _save(cfg, LOCAL, backend, manager, TrainerState(step=2)).path
     expected = backend.fingerprint()
 
     info = select_start(cfg, manager, StartOptions())

@@ -38,7 +38,7 @@ def test_overrides_are_typed(tmp_path: Path):
 
 def test_default_prepared_dir_names_source_size_and_channels():
     cfg = config.load(None, ["data.image_size=64", "data.channels=3"])
-    assert cfg.data.resolved_prepared_dir() == Path("data/prepared/digits-64px-3ch")
+    assert cfg.data.resolved_prepared_dir() == "data/prepared/digits-64px-3ch"
 
 
 def _write(tmp_path: Path, raw) -> Path:

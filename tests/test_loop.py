@@ -9,6 +9,7 @@ import torch
 
 from pipeline.backends.base import NonFiniteError
 from pipeline.loop import every
+from pipeline.data import ensure_prepared
 from pipeline.session import TrainingSession
 from tests.conftest import small_config
 
@@ -20,6 +21,7 @@ def test_every():
 
 def test_run_ends_at_the_configured_step_with_checkpoints_at_cadence(tmp_path: Path):
     cfg = small_config(tmp_path, train={"steps": 6}, checkpoint={"every": 4, "keep": 3})
+    ensure_prepared(cfg.data)  # the driver's part (pipeline.job.plan)
     with TrainingSession(cfg) as session:
         summary = session.run()
     assert (summary.start_step, summary.end_step) == (0, 6)
@@ -30,6 +32,7 @@ def test_run_ends_at_the_configured_step_with_checkpoints_at_cadence(tmp_path: P
 
 def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run(tmp_path: Path):
     cfg = small_config(tmp_path, train={"steps": 8}, logging={"every": 2})
+    ensure_prepared(cfg.data)  # the driver's part (pipeline.job.plan)
     with TrainingSession(cfg) as session:
         backend = session.backend
         with torch.no_grad():
@@ -46,6 +49,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run(tmp_path: 
 
 def test_a_finite_step_does_update(tmp_path: Path):
     cfg = small_config(tmp_path, train={"steps": 1})
+    ensure_prepared(cfg.data)  # the driver's part (pipeline.job.plan)
     with TrainingSession(cfg) as session:
         before = session.backend.netD.main[0].weight.clone()
         session.run()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.session import StartOptions
+from pipeline.job import StartOptions, plan
 from tests.conftest import small_config
 from tests.helpers import local_ray
 
@@ -83,7 +83,7 @@ def final_state(cfg: Config, step: int) -> dict[str, torch.Tensor]:
 
 def test_two_workers_read_disjoint_slices_covering_the_epoch(tmp_path: Path):
     cfg = ray_config(tmp_path, "two", train={"steps": STEPS_PER_EPOCH})
-    metrics = ray_runner.run(cfg, StartOptions(), train_fn=traced_worker(tmp_path))
+    metrics = ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path))
     assert metrics["step"] == STEPS_PER_EPOCH and 0 < metrics["d/real"] < 1
 
     seen = {int(p.name[4]): np.load(p) for p in tmp_path.glob("rank*-pid*.npy")}
@@ -102,12 +102,12 @@ def test_two_workers_read_disjoint_slices_covering_the_epoch(tmp_path: Path):
 
 def test_a_sigkilled_worker_costs_one_checkpoint_interval_and_nothing_else(tmp_path: Path):
     reference = ray_config(tmp_path, "reference", train={"steps": 12})
-    ray_runner.run(reference, StartOptions())
+    ray_runner.run(plan(reference))
 
     killed = ray_config(tmp_path, "killed", train={"steps": 12, "max_failures": 1})
     traces = tmp_path / "traces"
     traces.mkdir()
-    metrics = ray_runner.run(killed, StartOptions(), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=7))
+    metrics = ray_runner.run(plan(killed), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=7))
     assert (traces / "killed").exists() and metrics["step"] == 12
 
     # The second attempt started from the step-4 checkpoint: 8 more steps on each rank.
@@ -123,19 +123,19 @@ def test_a_sigkilled_worker_costs_one_checkpoint_interval_and_nothing_else(tmp_p
 def test_without_max_failures_a_lost_worker_fails_the_run_clearly(tmp_path: Path):
     cfg = ray_config(tmp_path, "fragile", train={"steps": 8, "max_failures": 0})
     with pytest.raises(ray_runner.RunFailed, match="train.max_failures=0"):
-        ray_runner.run(cfg, StartOptions(), train_fn=traced_worker(tmp_path, kill_rank=0, kill_at_step=3))
+        ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path, kill_rank=0, kill_at_step=3))
 
 
 def test_resubmitting_resumes_and_a_checkpoint_moves_to_fewer_workers(tmp_path: Path, caplog):
     first = ray_config(tmp_path, "elastic", train={"steps": 4})
-    ray_runner.run(first, StartOptions())
+    ray_runner.run(plan(first))
     again = ray_config(tmp_path, "elastic", train={"steps": 8})
-    assert ray_runner.run(again, StartOptions())["step"] == 8  # the same name picks up step 4
+    assert ray_runner.run(plan(again))["step"] == 8  # the same name picks up step 4
 
     fewer = ray_config(tmp_path, "elastic", workers=1, train={"steps": 12})
     traces = tmp_path / "traces"
     traces.mkdir()
-    metrics = ray_runner.run(fewer, StartOptions(), train_fn=traced_worker(traces))
+    metrics = ray_runner.run(plan(fewer), train_fn=traced_worker(traces))
     assert metrics["step"] == 12
     (trace,) = [np.load(p) for p in traces.glob("rank0-*.npy")]
     assert trace.shape == (4, BATCH)  # steps 9..12, the whole global batch on one rank
@@ -148,5 +148,5 @@ def test_resubmitting_resumes_and_a_checkpoint_moves_to_fewer_workers(tmp_path: 
     assert manifest["world_size"] == 1
 
     other = ray_config(tmp_path, "elsewhere", workers=1, train={"steps": 4})
-    assert ray_runner.run(other, StartOptions())["step"] == 4
+    assert ray_runner.run(plan(other))["step"] == 4
     assert not (other.run_dir / "checkpoints" / "step-00000008").exists()

@@ -8,6 +8,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import tensorboard as tb
+from pipeline.data import ensure_prepared
 from pipeline.session import TrainingSession
 from tests.conftest import small_config
 from tests.helpers import read_scalars
@@ -21,6 +22,7 @@ def _accumulator(tb_dir: Path) -> EventAccumulator:
 
 def test_a_training_run_writes_every_tag(tmp_path: Path):
     cfg = small_config(tmp_path, train={"steps": 6}, logging={"every": 2, "samples_every": 3})
+    ensure_prepared(cfg.data)  # the driver's part (pipeline.job.plan)
     with TrainingSession(cfg) as session:
         session.run()
     accumulator = _accumulator(cfg.run_dir / "tb")

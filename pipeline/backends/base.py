@@ -47,6 +47,9 @@ class Backend(Protocol):
 
         Collective: every rank calls it at the same steps."""
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank. Collective."""
+
     def synchronize_replicas(self) -> None:
         """Before a checkpoint: make per-rank state (e.g. BatchNorm statistics) agree, then
         check every replica identical, raising with the first differing tensor. Collective."""

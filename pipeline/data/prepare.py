@@ -1,7 +1,12 @@
 """`dcgan prepare`: a source becomes uint8 shards + manifest, written atomically.
 
 The shards are written into a temporary sibling directory and renamed into place only when
-complete, so an interrupted prepare never leaves a directory that looks usable.
+complete, so an interrupted prepare never leaves a directory that looks usable. Preparation
+holds a node lock, so several processes on one node never prepare the same directory at once.
+
+`data.prepared_dir` may also be a storage URI: the shards are built on local disk and
+uploaded with the manifest last, and every node stages them to its own disk once (under the
+same kind of lock), verifying each shard's sha256 (`local_prepared_dir`).
 """
 
 from __future__ import annotations
@@ -15,20 +20,38 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import DataSection
 from pipeline.data import sources
-from pipeline.data.shards import FORMAT, MANIFEST, ShardWriter, read_manifest
-from pipeline.durable import fsync_dir, write_json_durably
+from pipeline.data.shards import FORMAT, MANIFEST, ShardWriter, parse_manifest
 from pipeline.data.sources import DataError
+from pipeline.durable import fsync_dir, node_lock, sha256_file, write_json_durably
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: DataSection, force: bool = False) -> dict[str, Any]:
     """Write the shards for `cfg` (replacing existing ones only with `force`); return the manifest."""
-    target = cfg.resolved_prepared_dir()
-    if (target / MANIFEST).exists() and not force:
-        raise DataError(f"{target} is already prepared; pass --force to rebuild it")
+    with _prepare_lock(cfg):
+        address = cfg.resolved_prepared_dir()
+        if storage.location(address).exists(MANIFEST) and not force:
+            raise DataError(f"{address} is already prepared; pass --force to rebuild it")
+        return _prepare(cfg)
+
+
+def _prepare_lock(cfg: DataSection):
+    address = cfg.resolved_prepared_dir()
+    if storage.is_uri(address):
+        return node_lock(storage.cache_dir_for("prepared", address).with_suffix(".lock"))
+    target = Path(address)
+    return node_lock(target.parent / f".{target.name}.lock")
+
+
+def _prepare(cfg: DataSection) -> dict[str, Any]:
+    address = cfg.resolved_prepared_dir()
+    if storage.is_uri(address):
+        return _prepare_and_upload(cfg, address)
+    target = Path(address)
     _check_replaceable(target)
     description = sources.describe(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +64,20 @@ def prepare(cfg: DataSection, force: bool = False) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return manifest
+
+
+def _prepare_and_upload(cfg: DataSection, address: str) -> dict[str, Any]:
+    """Build the shards where this node stages them, then upload them, the manifest last."""
+    local = storage.cache_dir_for("prepared", address)
+    shutil.rmtree(local, ignore_errors=True)
+    manifest = _prepare(cfg.model_copy(update={"prepared_dir": str(local)}))
+    remote = storage.location(address)
+    remote.delete()  # --force: no old shard may sit under the new manifest
+    try:
+        remote.upload(local, "", last=[MANIFEST])
+    except OSError as err:
+        raise DataError(f"data.prepared_dir {address!r}: upload failed ({err})") from None
     return manifest
 
 
@@ -101,25 +138,61 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_prepared(cfg: DataSection) -> Path:
-    """The prepared directory for `cfg`, preparing it on first use.
+def ensure_prepared(cfg: DataSection) -> str:
+    """The prepared directory (path or URI) for `cfg`, preparing it on first use. Runs once per
+    job, on the driver, before any rank starts.
 
     Shards made from a different source description are never silently reused or replaced:
     that is an error naming both descriptions.
     """
-    target = cfg.resolved_prepared_dir()
-    if not (target / MANIFEST).exists():
-        manifest = prepare(cfg)
-        log.info("prepared %d images into %s (%d skipped)", manifest["count"], target, manifest["skipped_count"])
-        return target
-    try:
-        found = read_manifest(target)["source"]
-    except (ValueError, KeyError) as err:
-        raise DataError(f"{target / MANIFEST} is unreadable ({err}); rebuild it with dcgan prepare --force") from None
+    address = cfg.resolved_prepared_dir()
+    with _prepare_lock(cfg):
+        location = storage.location(address)
+        if not location.exists(MANIFEST):
+            manifest = _prepare(cfg)
+            log.info("prepared %d images into %s (%d skipped)", manifest["count"], address, manifest["skipped_count"])
+            return address
+        try:
+            found = parse_manifest(location.read_text(MANIFEST), f"{address}/{MANIFEST}")["source"]
+        except (ValueError, KeyError) as err:
+            raise DataError(f"{address}/{MANIFEST} is unreadable ({err}); rebuild it with dcgan prepare --force") from None
     wanted = sources.describe(cfg)
     if found != wanted:
         raise DataError(
-            f"{target} was prepared from {found}, but the config asks for {wanted}; "
+            f"{address} was prepared from {found}, but the config asks for {wanted}; "
             "set data.prepared_dir to another directory or rebuild with dcgan prepare --force"
         )
-    return target
+    return address
+
+
+def local_prepared_dir(cfg: DataSection) -> Path:
+    """The prepared shards on this node's disk: the directory itself, or for a URI a node-local
+    copy made once per node under a lock, every shard checked against the manifest's sha256."""
+    address = cfg.resolved_prepared_dir()
+    if not storage.is_uri(address):
+        if not (Path(address) / MANIFEST).is_file():
+            raise DataError(f"data.prepared_dir {address!r} holds no prepared data ({MANIFEST} missing) on this node")
+        return Path(address)
+    local = storage.cache_dir_for("prepared", address)
+    remote = storage.location(address)
+    with _prepare_lock(cfg):
+        try:
+            manifest = parse_manifest(remote.read_text(MANIFEST), f"{address}/{MANIFEST}")
+        except FileNotFoundError:
+            raise DataError(f"data.prepared_dir {address!r} holds no prepared data ({MANIFEST} missing)") from None
+        local.mkdir(parents=True, exist_ok=True)
+        for shard in manifest["shards"]:
+            path = local / shard["file"]
+            if path.is_file() and sha256_file(path) == shard["sha256"]:
+                continue  # staged before by this node
+            partial = path.with_name(path.name + ".part")
+            try:
+                remote.download_file(shard["file"], partial)
+            except OSError as err:
+                raise DataError(f"{address}/{shard['file']}: cannot download ({err})") from None
+            if sha256_file(partial) != shard["sha256"]:
+                partial.unlink()
+                raise DataError(f"{address}/{shard['file']}: its sha256 differs from the manifest's")
+            os.replace(partial, path)
+        write_json_durably(local / MANIFEST, manifest)
+    return local

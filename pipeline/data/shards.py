@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.durable import sha256_file
+from pipeline.durable import check_relative_name, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "dcgan-shards/1"
@@ -83,8 +83,15 @@ class ShardedImages:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
-    with open(path) as handle:
-        manifest = json.load(handle)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return parse_manifest(path.read_text(), str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """A shard manifest, checked: its format, and shard names that stay inside the directory."""
+    manifest = json.loads(text)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{where}: unknown format {found!r}, expected {FORMAT!r}")
+    for shard in manifest.get("shards", []):
+        check_relative_name(str(shard.get("file", "")), where)
     return manifest

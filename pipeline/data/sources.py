@@ -8,7 +8,6 @@ that are already present (they download only when `data.download` is set).
 from __future__ import annotations
 
 import multiprocessing
-import os
 from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import DataSection
+from pipeline.context import available_cpus
 from pipeline.data.images import IMAGE_SUFFIXES, decode_file, describe_error, to_uint8
 
 Item = tuple[str, Union[np.ndarray, str]]  # (name, image) or (name, skip reason)
@@ -78,7 +78,7 @@ def _folder(cfg: DataSection) -> Iterator[Item]:
     if not files:
         raise DataError(f"data.root {str(root)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     decode = partial(_decode_or_reason, image_size=cfg.image_size, channels=cfg.channels)
-    workers = cfg.prepare_workers or os.cpu_count() or 1
+    workers = cfg.prepare_workers or available_cpus()
     names = (str(path.relative_to(root)) for path in files)
     if workers == 1 or len(files) < _MIN_FILES_FOR_POOL:
         yield from zip(names, map(decode, files))

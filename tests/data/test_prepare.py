@@ -31,6 +31,7 @@ def solid(colour, size=(40, 40), mode="RGB") -> Image.Image:
 
 
 def shard_arrays(directory: Path) -> np.ndarray:
+    directory = Path(directory)
     manifest = json.loads((directory / MANIFEST).read_text())
     return np.concatenate([np.load(directory / s["file"], allow_pickle=False) for s in manifest["shards"]])
 
@@ -163,13 +164,13 @@ def test_folder_keeps_good_files_and_reports_each_bad_one(tmp_path, mixed_folder
     for name, (_write, expected) in BAD.items():
         assert expected in reasons[name], (name, reasons[name])
     assert manifest["source"]["root"] == str(mixed_folder.resolve())
-    assert json.loads((cfg.prepared_dir / MANIFEST).read_text()) == manifest
+    assert json.loads((Path(cfg.prepared_dir) / MANIFEST).read_text()) == manifest
 
 
 def test_folder_images_are_converted_correctly_in_file_order(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder, shard_size=4)
     prepare(cfg)
-    images = ShardedImages(cfg.prepared_dir)
+    images = ShardedImages(Path(cfg.prepared_dir))
     assert len(images) == len(GOOD)
     rows = images.gather(np.arange(len(images)))
     assert rows.shape == (len(GOOD), 32, 32, 3) and rows.dtype == np.uint8
@@ -184,7 +185,7 @@ def test_sixteen_bit_is_scaled_and_exif_rotation_applied_in_grayscale(tmp_path):
     _write_exif_rotated(root / "b_rotated.jpg")
     cfg = data_cfg(tmp_path, root=root, channels=1)
     prepare(cfg)
-    rows = ShardedImages(cfg.prepared_dir).gather(np.arange(2))
+    rows = ShardedImages(Path(cfg.prepared_dir)).gather(np.arange(2))
     assert rows.shape == (2, 32, 32, 1)
     assert np.all(rows[0, :, :12] == 128) and np.all(rows[0, :, -12:] == 156)  # scaled, not clipped or wrapped
     # grayscale of blue (29) on the left and red (76) on the right after applying orientation 6
@@ -196,19 +197,19 @@ def test_shards_are_plain_uint8_npy_matching_manifest_hashes(tmp_path, mixed_fol
     manifest = prepare(cfg)
     assert [s["count"] for s in manifest["shards"]] == [4, 4, 4]
     for shard in manifest["shards"]:
-        path = cfg.prepared_dir / shard["file"]
+        path = Path(cfg.prepared_dir) / shard["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
         array = np.load(path, allow_pickle=False)
         assert array.dtype == np.uint8 and array.shape == (shard["count"], 32, 32, 3)
-    assert sorted(p.name for p in cfg.prepared_dir.iterdir()) == sorted([MANIFEST] + [s["file"] for s in manifest["shards"]])
+    assert sorted(p.name for p in Path(cfg.prepared_dir).iterdir()) == sorted([MANIFEST] + [s["file"] for s in manifest["shards"]])
 
 
 def test_gather_returns_requested_images_in_order_across_shards(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder, shard_size=3)
     prepare(cfg)
-    images = ShardedImages(cfg.prepared_dir)
+    images = ShardedImages(Path(cfg.prepared_dir))
     assert len(images.arrays) == 4  # 3 + 3 + 3 + 3
-    everything = shard_arrays(cfg.prepared_dir)
+    everything = shard_arrays(Path(cfg.prepared_dir))
     order = np.array([11, 0, 5, 3, 9, 4, 4, 1, 7])  # crosses every shard, repeats one, not sorted
     np.testing.assert_array_equal(images.gather(order), everything[order])
     assert images.gather(np.array([], dtype=np.int64)).shape == (0, 32, 32, 3)
@@ -218,7 +219,7 @@ def test_channels_one_shape(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder, channels=1)
     manifest = prepare(cfg)
     assert manifest["shape"] == [32, 32, 1]
-    images = ShardedImages(cfg.prepared_dir)
+    images = ShardedImages(Path(cfg.prepared_dir))
     assert images.gather(np.arange(len(images))).shape == (len(GOOD), 32, 32, 1)
 
 
@@ -229,14 +230,14 @@ def test_max_images_counts_only_usable_images(tmp_path, mixed_folder):
     assert manifest["source"]["max_images"] == 3
     full = data_cfg(tmp_path, root=mixed_folder, prepared_dir=tmp_path / "full")
     prepare(full)
-    np.testing.assert_array_equal(shard_arrays(cfg.prepared_dir), shard_arrays(full.prepared_dir)[:3])
+    np.testing.assert_array_equal(shard_arrays(Path(cfg.prepared_dir)), shard_arrays(Path(full.prepared_dir))[:3])
 
 
 # --- errors and atomicity ---------------------------------------------------------------------
 
 
 def assert_nothing_prepared(cfg: DataSection) -> None:
-    target = cfg.prepared_dir
+    target = Path(cfg.prepared_dir)
     assert not (target / MANIFEST).exists()
     assert leftovers(target.parent, target.name) == []
 
@@ -249,7 +250,7 @@ def test_only_bad_files_raises_naming_root(tmp_path):
     assert str(root) in str(err.value) and "no usable images" in str(err.value)
     assert f"{len(BAD)} files skipped" in str(err.value)
     assert_nothing_prepared(cfg)
-    assert not cfg.prepared_dir.exists()
+    assert not Path(cfg.prepared_dir).exists()
 
 
 def test_empty_folder_raises_naming_root(tmp_path):
@@ -280,12 +281,12 @@ def test_prepare_twice_needs_force_and_force_rebuilds(tmp_path, mixed_folder):
     first = prepare(cfg)
     with pytest.raises(DataError, match="already prepared"):
         prepare(cfg)
-    assert json.loads((cfg.prepared_dir / MANIFEST).read_text()) == first  # untouched by the refusal
+    assert json.loads((Path(cfg.prepared_dir) / MANIFEST).read_text()) == first  # untouched by the refusal
 
     bigger = data_cfg(tmp_path, root=mixed_folder, max_images=5)
     rebuilt = prepare(bigger, force=True)
     assert first["count"] == 2 and rebuilt["count"] == 5
-    assert len(ShardedImages(cfg.prepared_dir)) == 5
+    assert len(ShardedImages(Path(cfg.prepared_dir))) == 5
     assert leftovers(tmp_path, "prepared") == []
 
 
@@ -295,8 +296,8 @@ def test_failed_forced_rebuild_keeps_the_old_shards(tmp_path, mixed_folder):
     broken = data_cfg(tmp_path, root=build_folder(tmp_path / "only-bad", good=False))
     with pytest.raises(DataError):
         prepare(broken, force=True)
-    assert json.loads((cfg.prepared_dir / MANIFEST).read_text()) == before
-    assert len(ShardedImages(cfg.prepared_dir)) == len(GOOD)
+    assert json.loads((Path(cfg.prepared_dir) / MANIFEST).read_text()) == before
+    assert len(ShardedImages(Path(cfg.prepared_dir))) == len(GOOD)
     assert leftovers(tmp_path, "prepared") == []
 
 
@@ -317,7 +318,7 @@ def test_prepare_refuses_to_replace_a_directory_that_is_not_prepared(tmp_path, m
 
 def test_prepare_into_existing_empty_directory_is_fine(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder)
-    cfg.prepared_dir.mkdir()
+    Path(cfg.prepared_dir).mkdir()
     assert prepare(cfg)["count"] == len(GOOD)
 
 
@@ -327,7 +328,7 @@ def test_prepare_into_existing_empty_directory_is_fine(tmp_path, mixed_folder):
 def test_ensure_prepared_prepares_once_then_reuses(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder)
     assert ensure_prepared(cfg) == cfg.prepared_dir
-    manifest_path = cfg.prepared_dir / MANIFEST
+    manifest_path = Path(cfg.prepared_dir) / MANIFEST
     stamp = manifest_path.stat().st_mtime_ns, manifest_path.stat().st_ino
     # An equivalent config (root spelled differently, other shard size / workers) reuses it.
     same = data_cfg(tmp_path, root=tmp_path / "images" / ".." / "images", shard_size=2, prepare_workers=3)
@@ -342,14 +343,14 @@ def test_ensure_prepared_refuses_shards_from_another_config(tmp_path, mixed_fold
         ensure_prepared(other)
     message = str(err.value)
     assert "'image_size': 32" in message and "'image_size': 64" in message
-    assert str(cfg_dir := other.prepared_dir) in message and "--force" in message
+    assert str(cfg_dir := Path(other.prepared_dir)) in message and "--force" in message
     assert ShardedImages(cfg_dir).shape == (32, 32, 3)  # not silently replaced
 
 
 def test_ensure_prepared_reports_an_unreadable_manifest(tmp_path, mixed_folder):
     cfg = data_cfg(tmp_path, root=mixed_folder)
     prepare(cfg)
-    (cfg.prepared_dir / MANIFEST).write_text("{ not json")
+    (Path(cfg.prepared_dir) / MANIFEST).write_text("{ not json")
     with pytest.raises(DataError, match="unreadable"):
         ensure_prepared(cfg)
 
@@ -407,7 +408,7 @@ def test_digits_source(tmp_path):
     cfg = DataSection(source="digits", image_size=32, channels=1, prepared_dir=tmp_path / "digits")
     manifest = prepare(cfg)
     assert manifest["count"] == 1797 and manifest["skipped_count"] == 0
-    images = ShardedImages(cfg.prepared_dir)
+    images = ShardedImages(Path(cfg.prepared_dir))
     rows = images.gather(np.arange(len(images)))
     assert rows.shape == (1797, 32, 32, 1)
     assert rows.min() == 0 and rows.max() == 255
@@ -424,7 +425,7 @@ def test_synthetic_source_is_deterministic(tmp_path):
     first, second = prepare(one), prepare(two)
     assert first["count"] == 24 and len(first["shards"]) == 3
     for a, b in zip(first["shards"], second["shards"]):
-        assert (one.prepared_dir / a["file"]).read_bytes() == (two.prepared_dir / b["file"]).read_bytes()
+        assert (Path(one.prepared_dir) / a["file"]).read_bytes() == (Path(two.prepared_dir) / b["file"]).read_bytes()
     rows = shard_arrays(one.prepared_dir)
     assert len({row.tobytes() for row in rows}) == 24  # distinct pictures, not one repeated
     assert rows.std() > 20
@@ -435,4 +436,4 @@ def test_synthetic_max_images_is_a_prefix(tmp_path):
     head = DataSection(source="synthetic", synthetic_count=20, max_images=7, prepared_dir=tmp_path / "head")
     assert prepare(full)["count"] == 20
     assert prepare(head)["count"] == 7
-    np.testing.assert_array_equal(shard_arrays(head.prepared_dir), shard_arrays(full.prepared_dir)[:7])
+    np.testing.assert_array_equal(shard_arrays(head.prepared_dir), shard_arrays(Path(full.prepared_dir))[:7])

@@ -24,7 +24,7 @@ def data_cfg(tmp_path: Path, source: str, root: Path, **values) -> DataSection:
 
 
 def all_images(cfg: DataSection) -> np.ndarray:
-    images = ShardedImages(cfg.prepared_dir)
+    images = ShardedImages(Path(cfg.prepared_dir))
     return images.gather(np.arange(len(images)))
 
 
@@ -91,7 +91,7 @@ def test_mnist_missing_files_without_download(tmp_path, layout):
     with pytest.raises(DataError) as err:
         prepare(cfg)
     assert "data.download" in str(err.value) and str(root) in str(err.value)
-    assert not cfg.prepared_dir.exists()
+    assert not Path(cfg.prepared_dir).exists()
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_cifar10_missing_files_without_download(tmp_path):
     with pytest.raises(DataError) as err:
         prepare(cfg)
     assert "data.download" in str(err.value) and str(root) in str(err.value)
-    assert not cfg.prepared_dir.exists()
+    assert not Path(cfg.prepared_dir).exists()
 
 
 def test_cifar10_files_failing_torchvisions_md5_check_are_refused(tmp_path):
@@ -147,7 +147,7 @@ def test_cifar10_files_failing_torchvisions_md5_check_are_refused(tmp_path):
     with pytest.raises(DataError, match="corrupted") as err:
         prepare(cfg)
     assert str(tmp_path / "cifar") in str(err.value)
-    assert not cfg.prepared_dir.exists()
+    assert not Path(cfg.prepared_dir).exists()
 
 
 def test_cifar10_format_with_only_the_md5_comparison_bypassed(tmp_path, monkeypatch):
@@ -242,7 +242,7 @@ def test_lsun_missing_database_is_a_data_error(tmp_path, monkeypatch):
         prepare(cfg)
     assert str(root / "tower_train_lmdb") in str(err.value)
     assert str(root / "bedroom_train_lmdb") not in str(err.value)
-    assert not cfg.prepared_dir.exists()
+    assert not Path(cfg.prepared_dir).exists()
 
 
 def test_lsun_unknown_category_is_a_data_error(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.session import StartOptions
+from pipeline.job import StartOptions, plan
 from tests.conftest import small_config
 from tests.helpers import local_ray
 
@@ -56,7 +56,7 @@ def killing_worker(marker: Path, at_step: int):
 
 def test_two_tensorflow_workers_train_and_survive_a_killed_worker(tmp_path: Path):
     cfg = tf_ray_config(tmp_path, "mwms")
-    metrics = ray_runner.run(cfg, StartOptions())
+    metrics = ray_runner.run(plan(cfg))
     assert metrics["step"] == 8 and 0 < metrics["d/real"] < 1
     manifest = (cfg.run_dir / "checkpoints" / "step-00000008" / "manifest.json").read_text()
     assert '"framework": "tensorflow"' in manifest and '"world_size": 2' in manifest
@@ -64,7 +64,7 @@ def test_two_tensorflow_workers_train_and_survive_a_killed_worker(tmp_path: Path
 
     killed = tf_ray_config(tmp_path, "mwms-killed", max_failures=1)
     marker = tmp_path / "killed"
-    metrics = ray_runner.run(killed, StartOptions(), train_fn=killing_worker(marker, 7))
+    metrics = ray_runner.run(plan(killed), train_fn=killing_worker(marker, 7))
     assert marker.exists() and metrics["step"] == 8
 
     # The restarted workers resumed from step 4 and ended where the uninterrupted run did.

@@ -155,6 +155,13 @@ class TFBackend:
         """Already reduced over every replica of every worker inside the step."""
         return {name: float(np.asarray(value)) for name, value in metrics.items()}
 
+    def any_rank(self, flag: bool) -> bool:
+        """Across workers under MultiWorkerMirroredStrategy; one process decides alone otherwise."""
+        if not self.save_is_collective:
+            return flag
+        votes = self.strategy.run(lambda: tf.constant(1 if flag else 0, tf.int32))
+        return int(self.strategy.reduce("SUM", votes, axis=None)) > 0
+
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over replicas, then check every replica's copy of every
         variable against replica 0's (all-gathered).

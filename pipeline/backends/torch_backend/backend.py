@@ -132,6 +132,9 @@ class TorchBackend:
         values = distributed.mean_over_ranks(values, self.ctx.world_size)
         return dict(zip(names, values.cpu().tolist()))
 
+    def any_rank(self, flag: bool) -> bool:
+        return distributed.any_rank(flag, self.device, self.ctx.world_size)
+
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over ranks, then prove every replica identical."""
         distributed.synchronize_buffers((self.netG, self.netD), self.ctx.world_size)

@@ -109,6 +109,15 @@ def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values / world_size
 
 
+def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True everywhere when true on some rank (one MAX all-reduce of a single value)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def synchronize_buffers(modules: Iterable[nn.Module], world_size: int) -> None:
     """Average the floating-point buffers (BatchNorm running mean / var) across ranks."""
     if world_size == 1:

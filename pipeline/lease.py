@@ -1,0 +1,178 @@
+"""One writer per run: a lease beside the run directory, held by the driver for the whole job.
+
+A second job on the same run (a double submit, a retry that overlaps the old cluster) fails at
+start with a message naming the holder, before it touches anything. The holder refreshes a
+heartbeat; a lease whose heartbeat is older than `stale_after` seconds, or whose holder process
+on this same host is gone, belongs to a dead job and is taken over.
+
+The lease lies beside the run (`<runs>/<name>.lease`), not in it, so `--fresh`, which moves
+the run directory aside, keeps it.
+
+- On a filesystem (local, NFS): an exclusive create of `<runs>/<name>.lease` (a hard link of a
+  fully written file). A stale lease is renamed
+  aside first; the rename is atomic, and the taker checks that what it renamed is the stale
+  lease it read (else puts it back), so two takers never both win.
+- In object storage (no exclusive create through pyarrow): each contender writes its own
+  `<runs>/<name>.lease/<time>-<id>.json`, then lists that prefix, and holds the lease only if no other
+  live candidate is there. With read-after-write consistent listing (S3, GCS) at most one
+  contender wins: of two, the one that wrote second sees the first. A tie fails both, which
+  is safe: neither has started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from pipeline.storage import Location
+
+log = logging.getLogger(__name__)
+
+
+
+class LeaseHeld(RuntimeError):
+    """Another live job holds this run."""
+
+
+class RunLease:
+    """Use as a context manager around everything a job does to its run directory."""
+
+    def __init__(self, runs: Location, run_name: str, heartbeat_every: float = 15.0, stale_after: float = 90.0):
+        """`runs`: the directory that holds the run directory `run_name`."""
+        self.runs, self.heartbeat_every, self.stale_after = runs, heartbeat_every, stale_after
+        self.id = uuid.uuid4().hex[:12]
+        self.lease = f"{run_name}.lease"
+        self.name = self.lease if runs.is_local else f"{self.lease}/{time.time_ns():020d}-{self.id}.json"
+        self.label = f"{runs}/{run_name}" if runs.is_local else str(runs.child(run_name))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+            "ray_job_id": os.environ.get("RAY_JOB_ID"), "command": " ".join(sys.argv[:6]),
+            "heartbeat": time.time(),
+        }  # fmt: skip
+
+    def _is_stale(self, record: dict[str, Any]) -> bool:
+        if time.time() - float(record.get("heartbeat", 0)) > self.stale_after:
+            return True
+        if record.get("host") == socket.gethostname():
+            try:
+                os.kill(int(record["pid"]), 0)
+            except ProcessLookupError:
+                return True  # its process is gone: no need to wait for the heartbeat to age
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return False
+
+    def _held_error(self, record: dict[str, Any]) -> LeaseHeld:
+        age = time.time() - float(record.get("heartbeat", 0))
+        job = f", Ray job {record['ray_job_id']}" if record.get("ray_job_id") else ""
+        return LeaseHeld(
+            f"run {self.label} is in use by another job: pid {record.get('pid')} on host {record.get('host')}"
+            f"{job} ({record.get('command')!r}), heartbeat {age:.0f} s ago. Wait for it to finish, stop it, "
+            f"or use another run.name; a lease whose heartbeat is older than {self.stale_after:.0f} s is taken over"
+        )
+
+    # --- acquire / release ---------------------------------------------------------------
+
+    def acquire(self) -> None:
+        if self.runs.is_local:
+            self._acquire_exclusive_create()
+        else:
+            self._acquire_by_listing()
+        self._thread = threading.Thread(target=self._heartbeat, name="run-lease", daemon=True)
+        self._thread.start()
+
+    def _acquire_exclusive_create(self) -> None:
+        path = self.runs.path / self.lease
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a private name, then linked: link() is an exclusive create (on
+        # NFS too) that never exposes a half-written lease.
+        mine = path.with_name(f"{self.lease}.new-{self.id}")
+        mine.write_text(json.dumps(self._record()))
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, path)
+                    return
+                except FileExistsError:
+                    record = _read(self.runs, self.lease)
+                    if record is not None and not self._is_stale(record):
+                        raise self._held_error(record) from None
+                    self._take_over_file(record)
+            raise LeaseHeld(f"run {self.label}: could not take the lease {path} (contended); try again")
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _take_over_file(self, stale: Optional[dict[str, Any]]) -> None:
+        path = self.runs.path / self.lease
+        aside = path.with_name(f"{self.lease}.stale-{self.id}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # someone else moved it: contend again
+        moved = _read(self.runs, aside.name)
+        if stale is not None and moved is not None and moved.get("id") != stale.get("id"):
+            try:  # we moved a fresh lease that another taker wrote meanwhile: put it back
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+        else:
+            log.warning("took over the stale lease of %s (pid %s on %s)", self.label,
+                        (stale or {}).get("pid"), (stale or {}).get("host"))  # fmt: skip
+        aside.unlink(missing_ok=True)
+
+    def _acquire_by_listing(self) -> None:
+        self.runs.write_text(self.name, json.dumps(self._record()))
+        for name in self.runs.list(self.lease):
+            other = f"{self.lease}/{name}"
+            if other == self.name:
+                continue
+            record = _read(self.runs, other)
+            if record is None:
+                continue
+            if self._is_stale(record):
+                log.warning("took over the stale lease of %s (pid %s on %s)", self.label, record.get("pid"), record.get("host"))
+                self.runs.delete(other)
+                continue
+            self.runs.delete(self.name)
+            raise self._held_error(record)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_every):
+            try:
+                self.runs.write_text(self.name, json.dumps(self._record()))
+            except OSError as err:  # storage hiccup: the next beat tries again
+                log.warning("lease heartbeat on %s failed: %s", self.label, err)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record = _read(self.runs, self.name)
+        if record is not None and record.get("id") == self.id:
+            self.runs.delete(self.name)
+
+    def __enter__(self) -> "RunLease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(run: Location, name: str) -> Optional[dict[str, Any]]:
+    try:
+        record = json.loads(run.read_text(name))
+    except (FileNotFoundError, ValueError, OSError):
+        return None  # gone, or half-written by a create that is still in progress
+    return record if isinstance(record, dict) else None

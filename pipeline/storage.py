@@ -1,0 +1,275 @@
+"""Where runs and prepared data live: a local (or NFS) directory, or object storage by URI.
+
+A `Location` is a directory addressed either by a path or by a URI that `pyarrow.fs` resolves
+(s3://, gs://, hdfs://, ...), the same addresses Ray Train takes for its `storage_path`. For an
+S3-compatible server: `s3://bucket/runs?endpoint_override=HOST:PORT&scheme=http`, credentials
+from the usual AWS variables.
+
+Object storage has no atomic rename and no directory fsync, so callers never rely on either
+there: they stage a directory on local disk and upload it file by file with the file that
+marks it complete (a manifest) last. A single object appears whole or not at all, which is
+what `write_text` relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Union
+
+from pipeline.durable import fsync_dir
+
+PathOrUri = Union[str, Path]
+
+
+def is_uri(value: PathOrUri) -> bool:
+    return "://" in str(value)
+
+
+def join(base: PathOrUri, name: str) -> str:
+    """base/name for a path or a URI (whose query string stays at the end)."""
+    if not is_uri(base):
+        return str(Path(base) / name)
+    head, sep, query = str(base).partition("?")
+    return f"{head.rstrip('/')}/{name}{sep}{query}"
+
+
+def cache_root() -> Path:
+    """Node-local disk for staged checkpoints, downloaded shards and a remote run's live files."""
+    return Path(os.environ.get("DCGAN_CACHE_DIR") or Path.home() / ".cache" / "dcgan")
+
+
+def cache_dir_for(kind: str, address: str) -> Path:
+    """A stable node-local directory for one remote address (readable name + a short digest)."""
+    digest = hashlib.sha256(address.encode()).hexdigest()[:16]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in address.split("?")[0])[-60:]
+    return cache_root() / kind / f"{readable}-{digest}"
+
+
+class Location:
+    """A directory; names passed to its methods are relative paths below it ("a/b")."""
+
+    is_local: bool
+
+    def child(self, name: str) -> "Location":
+        raise NotImplementedError
+
+    def exists(self, name: str = "") -> bool:
+        raise NotImplementedError
+
+    def read_text(self, name: str) -> str:
+        raise NotImplementedError
+
+    def write_text(self, name: str, text: str) -> None:
+        """Replace `name` whole: a reader sees the old content or the new, never a mix."""
+        raise NotImplementedError
+
+    def list(self, name: str = "") -> list[str]:
+        """Names of the entries directly below `name` (files and directories); [] if absent."""
+        raise NotImplementedError
+
+    def delete(self, name: str = "") -> None:
+        """Remove a file or a whole directory; absent is fine."""
+        raise NotImplementedError
+
+    def move(self, name: str, new_name: str) -> None:
+        """Move a directory (atomically on a filesystem; copy then delete on object storage)."""
+        raise NotImplementedError
+
+    def upload(self, local_dir: Path, name: str, last: Iterable[str] = ()) -> None:
+        """Copy the files below `local_dir` to `name`, the files named in `last` after all others."""
+        raise NotImplementedError
+
+    def upload_file(self, local_file: Path, name: str) -> None:
+        raise NotImplementedError
+
+    def download(self, name: str, local_dir: Path) -> None:
+        """Copy every file below `name` into `local_dir` (created if needed)."""
+        raise NotImplementedError
+
+    def download_file(self, name: str, target: Path) -> None:
+        raise NotImplementedError
+
+
+class LocalLocation(Location):
+    is_local = True
+
+    def __init__(self, path: PathOrUri):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"LocalLocation({str(self.path)!r})"
+
+    def child(self, name: str) -> "LocalLocation":
+        return LocalLocation(self.path / name)
+
+    def exists(self, name: str = "") -> bool:
+        return (self.path / name).exists()
+
+    def read_text(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def write_text(self, name: str, text: str) -> None:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+
+    def list(self, name: str = "") -> list[str]:
+        directory = self.path / name
+        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+    def delete(self, name: str = "") -> None:
+        target = self.path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+    def move(self, name: str, new_name: str) -> None:
+        target = self.path / new_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.path / name, target)
+        fsync_dir(target.parent)
+
+    # A filesystem location is written and read in place: nothing is ever copied to or from it
+    # (the base class's upload / download raise NotImplementedError).
+
+
+class ObjectLocation(Location):
+    """A prefix in object storage (or any pyarrow filesystem), addressed by its URI."""
+
+    is_local = False
+
+    def __init__(self, uri: str, _resolved=None):
+        import pyarrow.fs
+
+        self.uri = uri
+        if _resolved is None:
+            try:
+                _resolved = pyarrow.fs.FileSystem.from_uri(uri)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"cannot open storage URI {uri!r}: {err}") from None
+        self.fs, self.root = _resolved[0], _resolved[1].rstrip("/")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"ObjectLocation({self.uri!r})"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}".rstrip("/") if name else self.root
+
+    def child(self, name: str) -> "ObjectLocation":
+        return ObjectLocation(join(self.uri, name), (self.fs, self._path(name)))
+
+    def exists(self, name: str = "") -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self._path(name)).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, name: str) -> str:
+        try:
+            with self.fs.open_input_stream(self._path(name)) as stream:
+                return stream.readall().decode()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                raise FileNotFoundError(f"{self}/{name}") from None
+            raise
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.fs.open_output_stream(self._path(name)) as stream:  # one PUT: whole or nothing
+            stream.write(text.encode())
+
+    def list(self, name: str = "") -> list[str]:
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self._path(name), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def delete(self, name: str = "") -> None:
+        import pyarrow.fs
+
+        path = self._path(name)
+        kind = self.fs.get_file_info(path).type
+        if kind == pyarrow.fs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif kind == pyarrow.fs.FileType.File:
+            self.fs.delete_file(path)
+
+    def move(self, name: str, new_name: str) -> None:
+        import pyarrow.fs
+
+        source = self._path(name)
+        for info in self.fs.get_file_info(pyarrow.fs.FileSelector(source, recursive=True)):
+            if info.type == pyarrow.fs.FileType.File:
+                self.fs.copy_file(info.path, self._path(new_name) + info.path[len(source) :])
+        self.delete(name)
+
+    def upload(self, local_dir: Path, name: str, last: Iterable[str] = ()) -> None:
+        last = list(last)
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        ordered = [p for p in files if p.name not in last] + [p for name_ in last for p in files if p.name == name_]
+        for item in ordered:
+            relative = item.relative_to(local_dir).as_posix()
+            self.upload_file(item, f"{name}/{relative}" if name else relative)
+
+    def upload_file(self, local_file: Path, name: str) -> None:
+        with open(local_file, "rb") as source, self.fs.open_output_stream(self._path(name)) as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+
+    def download(self, name: str, local_dir: Path) -> None:
+        import pyarrow.fs
+
+        base = self._path(name)
+        selector = pyarrow.fs.FileSelector(base, recursive=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type != pyarrow.fs.FileType.File:
+                continue
+            self._copy_out(info.path, Path(local_dir) / info.path[len(base) + 1 :])
+
+    def download_file(self, name: str, target: Path) -> None:
+        self._copy_out(self._path(name), target)
+
+    def _copy_out(self, path: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.fs.open_input_stream(path) as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+
+
+def location(value: PathOrUri) -> Location:
+    return ObjectLocation(str(value)) if is_uri(value) else LocalLocation(value)
+
+
+class RunDirectory:
+    """A run's directory, written in place on a filesystem. For a URI, the chief writes its live
+    files (events, sample PNGs, config) to a node-local mirror and `sync` uploads what changed;
+    checkpoints go through CheckpointManager's own staged upload."""
+
+    def __init__(self, address: PathOrUri):
+        self.location = location(address)
+        self.local = self.location.path if self.location.is_local else cache_dir_for("runs", str(address))
+        self._uploaded: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        if self.location.is_local or not self.local.is_dir():
+            return
+        for item in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            relative = item.relative_to(self.local).as_posix()
+            stat = item.stat()
+            if self._uploaded.get(relative) != (stat.st_size, stat.st_mtime_ns):
+                self.location.upload_file(item, relative)
+                self._uploaded[relative] = (stat.st_size, stat.st_mtime_ns)
