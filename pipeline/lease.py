@@ -50,7 +50,7 @@ class RunLease:
         self.id = uuid.uuid4().hex[:12]
         self.lease = f"{run_name}.lease"
         self.name = self.lease if runs.is_local else f"{self.lease}/{time.time_ns():020d}-{self.id}.json"
-        self.label = f"{runs}/{run_name}" if runs.is_local else str(runs.child(run_name))
+        self.label = str(runs.child(run_name)).partition("?")[0]  # the query only says how to connect
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Keep every test on CPU and deterministic in thread count, whatever the machine has.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Node-local caches (staged checkpoints and shards of runs in object storage) stay out of $HOME;
+# Ray workers started by the tests inherit it.
+os.environ.setdefault("DCGAN_CACHE_DIR", tempfile.mkdtemp(prefix="dcgan-test-cache-"))
 # TensorBoard's EventAccumulator imports TensorFlow when it is installed, which must not happen
 # in a process that runs torch (DESIGN.md, traps); this marker module makes it use its stub.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -53,3 +54,35 @@ def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
         tag: {event.step: event.value for event in accumulator.Scalars(tag)}
         for tag in accumulator.Tags()["scalars"]
     }
+
+
+@contextmanager
+def s3_server(bucket: str = "dcgan-test") -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; yields
+    the base URI that pyarrow.fs (and so the pipeline and Ray Train) resolve. The usual AWS
+    variables are set in os.environ, so Ray workers started afterwards inherit them."""
+    import boto3
+
+    from tests.ddp_harness import free_port
+
+    port = free_port()
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(credentials)
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        for _ in range(100):  # up in well under a second; allow for a loaded machine
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception:  # connection refused until it listens
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto_server did not start")
+        yield f"s3://{bucket}/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

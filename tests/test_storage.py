@@ -1,0 +1,163 @@
+"""Runs and prepared data in object storage, against a real S3-compatible server on 127.0.0.1
+(moto's server mode): the checkpoint protocol, uploads cut short, staged shards, the lease."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import storage
+from pipeline.checkpoint import LATEST, MANIFEST, CheckpointError, CheckpointManager, fetch
+from pipeline.data import DataError, ShardedImages, ensure_prepared, local_prepared_dir
+from pipeline.lease import LeaseHeld, RunLease
+from tests.conftest import ROOT, small_config
+from tests.helpers import s3_server
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def s3_base():
+    with s3_server() as base:
+        yield base
+
+
+@pytest.fixture
+def bucket_dir(s3_base: str, request) -> str:
+    """A fresh prefix per test."""
+    return storage.join(s3_base, request.node.name.replace("[", "-").replace("]", ""))
+
+
+def payload(files: dict[str, bytes]):
+    def write_files(directory: Path) -> None:
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
+
+    return write_files
+
+
+def test_a_location_in_a_bucket_reads_writes_lists_moves_and_deletes(bucket_dir: str):
+    where = storage.location(bucket_dir)
+    assert not where.is_local and where.list() == []
+    where.write_text("a/one.txt", "1")
+    where.write_text("a/b/two.txt", "2")
+    assert where.list() == ["a"] and where.list("a") == ["b", "one.txt"]
+    assert where.read_text("a/b/two.txt") == "2"
+    where.move("a", "moved/a")
+    assert where.list() == ["moved"] and where.child("moved").read_text("a/one.txt") == "1"
+    with pytest.raises(FileNotFoundError):
+        where.read_text("a/one.txt")
+    where.delete("moved")
+    assert where.list() == []
+
+
+def test_checkpoints_in_a_bucket_are_uploaded_manifest_last_and_downloaded_verified(bucket_dir: str, caplog):
+    manager = CheckpointManager(storage.join(bucket_dir, "checkpoints"), keep=2)
+    for step in (4, 8, 12):
+        saved = manager.save(step, payload({"g.bin": bytes([step]) * 1000, "trainer.json": b"{}"}), {"framework": "torch"})
+        assert saved.address == storage.join(bucket_dir, f"checkpoints/step-{step:08d}")
+    remote = storage.location(storage.join(bucket_dir, "checkpoints"))
+    assert remote.list() == [LATEST, "step-00000008", "step-00000012"]  # keep=2 pruned step 4 in the bucket
+    assert remote.read_text(LATEST).strip() == "step-00000012"
+
+    info = fetch(saved.address)  # what a rank on another node does: download to its own disk, verify
+    assert info.step == 12 and info.path.is_dir() and (info.path / "g.bin").read_bytes() == bytes([12]) * 1000
+
+    # A corrupt newest object: discovery skips it with a warning and takes the previous one.
+    remote.write_text("step-00000012/g.bin", "flipped")
+    storage_cache = storage.cache_dir_for("checkpoints", saved.address)
+    __import__("shutil").rmtree(storage_cache)  # another node: no copy downloaded yet
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest().step == 8
+    assert "skipping checkpoint step-00000012" in caplog.text and "checksum mismatch in g.bin" in caplog.text
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        fetch(saved.address)
+
+
+# A child process that uploads checkpoint 12 and SIGKILLs itself after the first object of it:
+# no cleanup, no finally blocks, exactly what a killed pod leaves behind in the bucket.
+_KILLED_UPLOAD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointManager
+
+    real_upload_file = storage.ObjectLocation.upload_file
+    def upload_file(self, local_file, name):
+        real_upload_file(self, local_file, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+    storage.ObjectLocation.upload_file = upload_file
+
+    def write_files(directory):
+        for name in ("a.bin", "b.bin", "trainer.json"):
+            (directory / name).write_bytes(b"x" * 4096)
+
+    CheckpointManager(sys.argv[1], keep=3).save(12, write_files, {"framework": "torch"})
+    sys.exit(3)  # never reached
+    """
+)
+
+
+def test_a_kill_in_the_middle_of_an_upload_never_leaves_a_checkpoint_resume_would_load(bucket_dir: str):
+    address = storage.join(bucket_dir, "checkpoints")
+    manager = CheckpointManager(address, keep=3)
+    manager.save(8, payload({"a.bin": b"8" * 4096, "trainer.json": b"{}"}), {"framework": "torch"})
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_UPLOAD, address], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+
+    remote = storage.location(address)
+    assert "step-00000012" in remote.list()  # the cut-short upload is there ...
+    assert not remote.exists(f"step-00000012/{MANIFEST}")  # ... without its manifest
+    assert manager.complete_steps() == ["step-00000008"]
+    assert manager.latest().step == 8  # never the half-uploaded one
+
+    manager.save(16, payload({"a.bin": b"6" * 4096, "trainer.json": b"{}"}), {"framework": "torch"})
+    assert "step-00000012" not in remote.list()  # the next save cleans the leftover up
+
+
+def test_prepared_data_in_a_bucket_is_staged_on_each_node_and_checked(bucket_dir: str, tmp_path: Path, monkeypatch):
+    address = storage.join(bucket_dir, "prepared")
+    cfg = small_config(tmp_path, data={"prepared_dir": address, "synthetic_count": 40, "shard_size": 16}).data
+    assert ensure_prepared(cfg) == address
+    remote = storage.location(address)
+    assert remote.list() == [MANIFEST, "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+
+    monkeypatch.setenv("DCGAN_CACHE_DIR", str(tmp_path / "node-b"))  # a node that has nothing yet
+    local = local_prepared_dir(cfg)
+    assert local.is_relative_to(tmp_path / "node-b") and len(ShardedImages(local)) == 40
+    assert local_prepared_dir(cfg) == local  # staged once; the second call checks and reuses
+
+    monkeypatch.setenv("DCGAN_CACHE_DIR", str(tmp_path / "node-c"))
+    with remote.fs.open_output_stream(f"{remote.root}/shard-00001.npy") as sink:
+        sink.write(np.zeros(10, np.uint8).tobytes())  # the object no longer matches the manifest
+    with pytest.raises(DataError, match="shard-00001.npy: its sha256 differs"):
+        local_prepared_dir(cfg)
+
+
+def test_a_second_job_on_a_run_in_a_bucket_is_refused_and_a_stale_lease_is_taken_over(bucket_dir: str):
+    runs = storage.location(bucket_dir)
+    with RunLease(runs, "run-a"):
+        with pytest.raises(LeaseHeld, match=r"run-a is in use by another job: pid \d+ on host"):
+            RunLease(runs, "run-a").acquire()
+        assert len(runs.list("run-a.lease")) == 1  # the refused contender removed its candidate
+        with RunLease(runs, "run-b"):  # other runs are independent
+            pass
+    assert runs.list("run-a.lease") == []
+
+    # A dead job's lease: its heartbeat stopped long ago.
+    dead = {"id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": 0.0, "command": "dcgan train"}
+    runs.write_text("run-a.lease/00000000000000000001-dead.json", json.dumps(dead))
+    with RunLease(runs, "run-a"):
+        assert len(runs.list("run-a.lease")) == 1
