@@ -162,11 +162,12 @@ def fetch(address: PathOrUri) -> CheckpointInfo:
 class CheckpointManager:
     """Writes, retains and discovers the checkpoints of one run, on a filesystem or by URI."""
 
-    def __init__(self, directory: Union[PathOrUri, Location], keep: Optional[int]):
-        """keep=None: never delete complete checkpoints."""
+    def __init__(self, directory: Union[PathOrUri, Location], keep: Optional[int], job: Optional[str] = None):
+        """keep=None: never delete complete checkpoints. `job`: recorded in every manifest this
+        manager writes, so a job can tell its own checkpoints from older ones."""
         assert keep is None or keep >= 2, "keep >= 2 is enforced by the config"
         self.location = directory if isinstance(directory, Location) else storage.location(directory)
-        self.keep = keep
+        self.keep, self.job = keep, job
 
     @property
     def directory(self) -> str:
@@ -175,6 +176,7 @@ class CheckpointManager:
     def save(self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> CheckpointInfo:
         """`write_files(tmp_dir)` writes the payload; the protocol above does the rest."""
         name = step_dir_name(step)
+        metadata = {**metadata, "job": self.job} if self.job else metadata
         if self.location.is_local:
             self.location.path.mkdir(parents=True, exist_ok=True)
             final = write_checkpoint(self.location.path / name, step, write_files, metadata)

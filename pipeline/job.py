@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -39,6 +40,7 @@ class Job:
     config: dict[str, Any]  # the resolved config, every path absolute
     start: Optional[str] = None  # the verified checkpoint to start from (path or URI); None = step 0
     dry_run_steps: Optional[int] = None  # a dry run of this many steps in <run>-dryrun
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped into its checkpoints
 
     @cached_property
     def cfg(self) -> Config:
@@ -65,21 +67,24 @@ class Job:
         from pipeline.session import TrainingSession
 
         start = self._start(restart)
-        with TrainingSession(self.cfg, ctx, start, self.run_address, None, on_checkpoint, stop_requested) as session:
+        with TrainingSession(
+            self.cfg, ctx, start, self.run_address, None, on_checkpoint, stop_requested, self.id
+        ) as session:
             summary = session.run()
         return {**summary.last_metrics, "step": summary.end_step}
 
     def _start(self, restart: Optional[str]) -> Optional[CheckpointInfo]:
+        """The driver's start, unless this job has checkpointed since (a restart inside it)."""
         if restart is not None:
             try:
                 return fetch(restart)
             except CheckpointError as err:
-                # As the driver does: never a silent fresh start, fall back to the newest that verifies.
                 log.warning("the restored checkpoint %s does not verify (%s); falling back", restart, err)
-                fallback = _checkpoints(self.cfg).latest()
-                if fallback is not None:
-                    return fallback
-                raise
+        # Also when the runner restored nothing: Ray registers a reported checkpoint only at its
+        # next poll of the workers, so a failure just after a save can precede the registration.
+        newest = _checkpoints(self.cfg).latest()
+        if newest is not None and newest.manifest.get("job") == self.id:
+            return newest
         return fetch(self.start) if self.start is not None else None
 
     def result(self, last_metrics: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class TrainingSession:
         progress: Optional[Progress] = None,
         on_checkpoint: CheckpointHook = no_checkpoint_hook,
         stop_requested: StopCheck = never_stop,
+        job_id: Optional[str] = None,
     ):
         self.cfg, self.ctx, self.start, self.stop_requested = cfg, ctx, start, stop_requested
         self.run_files = storage.RunDirectory(run_address or cfg.run_address)
@@ -51,7 +52,7 @@ class TrainingSession:
                 f"{self.images.directory} holds {len(self.images)} images, fewer than one global batch "
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
-        self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep)
+        self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id)
         if ctx.is_chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 import yaml
 
@@ -30,13 +33,49 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
+def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None):
+    """The product's Ray worker, recording the indices each rank reads; optionally one rank
+    sends itself `sig` once, in the middle of step `kill_at_step` of the first attempt.
+    `before(rank, loop_config)` runs first on every rank."""
+
+    def train_fn(loop_config):
+        import ray.train
+
+        from pipeline import ray_runner
+        from pipeline.data.shards import ShardedImages
+
+        rank = ray.train.get_context().get_world_rank()
+        if before is not None:
+            before(rank, loop_config)
+        original, seen = ShardedImages.gather, []
+        killed_once = trace_dir / "killed"
+
+        def gather(self, indices):
+            seen.append(np.asarray(indices).copy())
+            if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
+                killed_once.touch()
+                os.kill(os.getpid(), sig)
+            return original(self, indices)
+
+        ShardedImages.gather = gather
+        try:
+            ray_runner._worker(loop_config)
+        finally:
+            ShardedImages.gather = original
+            if seen:
+                np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
+
+    return train_fn
+
+
 @contextmanager
 def local_ray(test_module: str) -> Iterator[None]:
     """A real Ray on 127.0.0.1 with 4 logical CPUs for one test module. The module's closures
-    (workers wrapped to observe or kill) are shipped to Ray's workers by value."""
+    and this one's (workers wrapped to observe or kill) are shipped to Ray's workers by value."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[test_module])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # traced_worker
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     try:
         yield

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, small_config
 from tests.ddp_harness import free_port
@@ -90,3 +93,71 @@ def test_cluster_launcher_config_validates_against_rays_schema():
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def _job_config(tmp_path: Path, name: str, **sections) -> tuple:
+    cfg = small_config(tmp_path, run={"name": name}, scaling={"num_workers": 1}, runtime={"runner": "ray"}, **sections)
+    return cfg, write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def test_a_resubmit_resumes_an_explicit_older_step_then_falls_back_past_a_corrupt_newest(head, tmp_path: Path):
+    cfg, config = _job_config(tmp_path, "lines", train={"steps": 6}, checkpoint={"every": 2, "keep": 3})
+    assert submit(head, config).returncode == 0
+    checkpoints = cfg.run_dir / "checkpoints"
+
+    older = submit(head, config, "--resume", str(checkpoints / "step-00000002"))
+    logs = older.stdout + older.stderr
+    assert older.returncode == 0, logs
+    assert "resuming from" in logs and "(step 2," in logs  # not Ray's newest checkpoint of an older fit
+    (abandoned,) = checkpoints.glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step-00000004", "step-00000006"]
+    assert (checkpoints / "LATEST").read_text().strip() == "step-00000006"  # the new line's
+
+    generator = checkpoints / "step-00000006" / "generator.pt"
+    data = bytearray(generator.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    generator.write_bytes(bytes(data))
+    fallback = submit(head, config, "--set", "train.steps=8")
+    logs = fallback.stdout + fallback.stderr
+    assert fallback.returncode == 0, logs
+    assert "skipping checkpoint step-00000006" in logs and "(step 4," in logs
+    assert (checkpoints / "step-00000008" / "manifest.json").is_file()
+
+
+def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head, tmp_path: Path):
+    cfg, config = _job_config(tmp_path, "relative")
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["prepared_dir"] = "data/prepared/synthetic"
+    config.write_text(yaml.safe_dump(raw))
+    done = submit(head, config)
+    logs = done.stdout + done.stderr
+    assert done.returncode != 0 and "exit code 2" in logs, logs
+    assert "data.prepared_dir='data/prepared/synthetic' is relative" in logs
+    assert not cfg.run_dir.exists()
+
+
+def test_two_concurrent_submits_of_one_run_the_second_fails_on_the_lease(head, tmp_path: Path):
+    cfg, config = _job_config(tmp_path, "busy", train={"steps": 40}, checkpoint={"every": 20, "keep": 2})
+    env, address = head
+    first = subprocess.Popen(
+        ["bash", ROOT / "launch/submit.sh", config, "--address", address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lease = cfg.run_dir.with_name("busy.lease")
+        deadline = time.monotonic() + 240
+        while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lease.exists(), "the first job never took the lease"
+        holder = json.loads(lease.read_text())
+
+        second = submit(head, config)
+        logs = second.stdout + second.stderr
+        assert second.returncode != 0 and "exit code 3" in logs, logs
+        assert f"is in use by another job: pid {holder['pid']} on host {holder['host']}" in logs
+        assert f"Ray job {holder['ray_job_id']}" in logs
+    finally:
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step-*")) == ["step-00000020", "step-00000040"]
+    assert not lease.exists()

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import Config
 from pipeline.job import StartOptions, plan
 from tests.conftest import small_config
-from tests.helpers import local_ray
+from tests.helpers import local_ray, traced_worker
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
@@ -37,36 +37,6 @@ def ray_config(tmp_path: Path, name: str, workers: int = 2, **sections) -> Confi
         tmp_path, run={"name": name}, scaling={"num_workers": workers, "cpus_per_worker": 1},
         runtime={"runner": "ray"}, **sections,
     )  # fmt: skip
-
-
-def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0):
-    """The product's worker, recording the indices each rank reads; optionally one rank
-    SIGKILLs itself once, in the middle of step `kill_at_step` of the first attempt."""
-
-    def train_fn(loop_config):
-        import ray.train
-
-        from pipeline.data.shards import ShardedImages
-
-        rank = ray.train.get_context().get_world_rank()
-        original, seen = ShardedImages.gather, []
-        killed_once = trace_dir / "killed"
-
-        def gather(self, indices):
-            seen.append(np.asarray(indices).copy())
-            if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
-                killed_once.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, indices)
-
-        ShardedImages.gather = gather
-        try:
-            ray_runner._worker(loop_config)
-        finally:
-            ShardedImages.gather = original
-            np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
-
-    return train_fn
 
 
 def final_state(cfg: Config, step: int) -> dict[str, torch.Tensor]:
@@ -150,3 +120,47 @@ def test_resubmitting_resumes_and_a_checkpoint_moves_to_fewer_workers(tmp_path: 
     other = ray_config(tmp_path, "elsewhere", workers=1, train={"steps": 4})
     assert ray_runner.run(plan(other))["step"] == 4
     assert not (other.run_dir / "checkpoints" / "step-00000008").exists()
+
+
+def test_sigterm_to_a_worker_checkpoints_at_a_step_boundary_and_the_retry_loses_no_step(tmp_path: Path):
+    reference = ray_config(tmp_path, "uninterrupted", train={"steps": 12})
+    ray_runner.run(plan(reference))
+    # Checkpoints only at 8 and 12: a worker that died on SIGTERM at step 5 would cost 5 steps.
+    sections = {"train": {"steps": 12, "max_failures": 1}, "checkpoint": {"every": 8, "keep": 2, "stop_check_every": 1}}
+    stopped = ray_config(tmp_path, "sigterm", **sections)
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    metrics = ray_runner.run(plan(stopped), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=5, sig=signal.SIGTERM))
+    assert (traces / "killed").exists() and metrics["step"] == 12
+
+    # Each rank ran twice (before and after the stop) and read exactly 12 batches in all: the
+    # retry started at the step the ranks agreed to stop at, which they checkpointed.
+    for rank in (0, 1):
+        runs = sorted(len(np.load(p)) for p in traces.glob(f"rank{rank}-pid*.npy"))
+        assert len(runs) == 2 and sum(runs) == 12 and 5 <= max(runs) < 12, runs
+    a, b = final_state(reference, 12), final_state(stopped, 12)
+    for name in a:
+        if "running_" in name:
+            # The stop's checkpoint averaged the ranks' BatchNorm statistics once more than the
+            # uninterrupted run did. The average is linear, so it changes only float rounding.
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-8, msg=name)
+        else:  # weights, Adam's moments and step counts: bit for bit
+            assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_naming_its_node(tmp_path: Path):
+    import socket
+
+    def hide_the_share(rank: int, loop_config: dict) -> None:
+        # What a node without the shared mount sees: not the file the driver has just written.
+        if rank == 1:
+            for probe in loop_config["probes"]:
+                Path(probe).unlink(missing_ok=True)
+
+    cfg = ray_config(tmp_path, "unshared")
+    with pytest.raises(ray_runner.RunFailed) as failed:
+        ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path, before=hide_the_share))
+    message = str(failed.value)
+    assert f"node {socket.gethostname()} (" in message and f"does not see {cfg.run_dir}/.storage-check/" in message
+    assert "is not shared storage" in message and "s3://" in message
+    assert not list((cfg.run_dir / "checkpoints").glob("step-*"))  # nothing trained onto one node's disk
