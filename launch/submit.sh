@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Submit a training run to an existing Ray cluster through the Ray Jobs API, stream its logs,
 # and exit with the job's status (0 succeeded, non-zero failed or stopped).
-#   launch/submit.sh CONFIG [--address URL] [--storage DIR] [-- extra `dcgan train` arguments]
+#   launch/submit.sh CONFIG [--address URL] [--storage DIR|URI] [--prepared DIR|URI] [-- extra `dcgan train` arguments]
 # URL: the cluster's dashboard / Jobs API (default $RAY_ADDRESS, else http://127.0.0.1:8265).
-# DIR: where runs live, as the cluster's nodes see it; it must be shared storage (NFS, a PVC)
-#      on a multi-node cluster (default: runtime.storage_path / run.dir of the config).
+# --storage: where runs live (runtime.storage_path), --prepared: the prepared shards
+#      (data.prepared_dir). Absolute paths as every node sees them (shared storage: NFS, a
+#      PVC) or URIs (s3://bucket/runs); a relative path is refused, as the job runs in a
+#      temporary directory that Ray deletes. Default: the config's own values.
 # CONFIG: a path inside this repository (uploaded with it) or an absolute path the cluster sees.
 # Re-submitting the same config resumes the run; a new run.name (--set run.name=x) starts fresh.
 # Token auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
@@ -13,7 +15,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 ray=${RAY:-$root/.venv/bin/ray}
 [[ -x $ray ]] || ray=$(command -v ray) || { echo "ray not found: run 'make install' first" >&2; exit 2; }
 
-usage() { echo "usage: $0 CONFIG [--address URL] [--storage DIR] [-- dcgan train args...]" >&2; exit 2; }
+usage() { echo "usage: $0 CONFIG [--address URL] [--storage DIR|URI] [--prepared DIR|URI] [-- dcgan train args...]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 config=$1; shift
 address=${RAY_ADDRESS:-http://127.0.0.1:8265}
@@ -22,6 +24,7 @@ while [[ $# -gt 0 ]]; do
   case $1 in
     --address) address=$2; shift 2 ;;
     --storage) overrides+=(--set "runtime.storage_path=$2"); shift 2 ;;
+    --prepared) overrides+=(--set "data.prepared_dir=$2"); shift 2 ;;
     --) shift; break ;;
     *) usage ;;
   esac
@@ -31,8 +34,13 @@ if [[ $config != /* ]]; then  # relative to the uploaded repository
 fi
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
-runtime_env=$(printf '{"working_dir": "%s", "excludes": ["/.venv/", "/runs/", "/data/", "/.git/", "*.egg-info/", "__pycache__/"]}' "$root")
+# Our own submission id, also handed to the job: a run's lease names the job that holds it.
+submission_id="dcgan-$(date +%Y%m%d-%H%M%S)-$RANDOM"
+# `ray job stop` sends the job SIGTERM and SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S (Ray's
+# default: 3 s); the ranks need a few steps and a checkpoint in between.
+stop_wait=${STOP_WAIT_S:-120}
+runtime_env=$(printf '{"working_dir": "%s", "excludes": ["/.venv/", "/runs/", "/data/", "/.git/", "*.egg-info/", "__pycache__/"], "env_vars": {"DCGAN_SUBMISSION_ID": "%s", "RAY_JOB_STOP_WAIT_TIME_S": "%s"}}' "$root" "$submission_id" "$stop_wait")
 # The job is the entrypoint of a local run and of the KubeRay RayJob, pointed at this cluster.
-exec "$ray" job submit --address "$address" --runtime-env-json "$runtime_env" -- \
+exec "$ray" job submit --address "$address" --submission-id "$submission_id" --runtime-env-json "$runtime_env" -- \
   dcgan train --config "$config" --set runtime.runner=ray --set runtime.ray_address=auto \
   "${overrides[@]}" "$@"

@@ -57,7 +57,7 @@ class RunLease:
     def _record(self) -> dict[str, Any]:
         return {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-            "ray_job_id": os.environ.get("RAY_JOB_ID"), "command": " ".join(sys.argv[:6]),
+            "submission": os.environ.get("DCGAN_SUBMISSION_ID"), "command": " ".join(sys.argv[:6]),
             "heartbeat": time.time(),
         }  # fmt: skip
 
@@ -75,7 +75,7 @@ class RunLease:
 
     def _held_error(self, record: dict[str, Any]) -> LeaseHeld:
         age = time.time() - float(record.get("heartbeat", 0))
-        job = f", Ray job {record['ray_job_id']}" if record.get("ray_job_id") else ""
+        job = f", Ray job submission {record['submission']}" if record.get("submission") else ""
         return LeaseHeld(
             f"run {self.label} is in use by another job: pid {record.get('pid')} on host {record.get('host')}"
             f"{job} ({record.get('command')!r}), heartbeat {age:.0f} s ago. Wait for it to finish, stop it, "

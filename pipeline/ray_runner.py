@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import tempfile
@@ -32,11 +33,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline import storage
-from pipeline.checkpoint import CheckpointInfo
+from pipeline.checkpoint import CheckpointInfo, step_dir_name
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
+from pipeline.loop import Preempted
 
 POINTER_FILE = "pointer.json"
+STOP_FILE = "STOP"  # written by a driver on SIGTERM: the ranks checkpoint and return
 PROBE_DIR = ".storage-check"
 RAY_DIR = ".ray"  # Ray Train's experiment directories, one per fit
 
@@ -67,21 +70,37 @@ def _connect(job: Job) -> None:
 
 def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Run `job` on every rank; returns its result (the last reported metrics, or the dry-run
-    report). `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker)."""
+    report). `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker).
+
+    A SIGTERM to this driver (`ray job stop`) asks the ranks to stop: they agree on a step,
+    checkpoint there and return, and this raises Preempted."""
     _connect(job)
+    run_dir = storage.location(job.run_address)
+    run_dir.delete(STOP_FILE)  # left by a driver that was killed before it could remove it
     probes = write_storage_probes(job)
     experiment = storage.join(job.run_address, f"{RAY_DIR}/fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     trainer = build_trainer(job, probes, experiment, train_fn or _worker)
+
+    def ask_the_ranks_to_stop(signum, frame) -> None:
+        run_dir.write_text(STOP_FILE, f"SIGTERM to the driver, pid {os.getpid()}\n")
+
+    previous = signal.signal(signal.SIGTERM, ask_the_ranks_to_stop)
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker exceptions; say what failed and what to do
         raise RunFailed(_explain(err, job)) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for probe in probes:  # only our own: other runs' jobs may share the prepared data
             Path(probe).unlink(missing_ok=True)
         # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
-        storage.location(job.run_address).delete(RAY_DIR)
-    return job.result(dict(result.metrics or {}))
+        run_dir.delete(RAY_DIR)
+    metrics = dict(result.metrics or {})
+    if run_dir.exists(STOP_FILE):
+        run_dir.delete(STOP_FILE)
+        step = int(metrics.get("step", 0))
+        raise Preempted(step, storage.join(job.run_address, f"checkpoints/{step_dir_name(step)}"))
+    return job.result(metrics)
 
 
 def build_trainer(job: Job, probes: list[str], experiment: str, train_fn: Callable):
@@ -199,12 +218,16 @@ def _catch_sigterm() -> None:
     ray.get(actor.execute.remote(_install_sigterm_handler))
 
 
-def _stop_requested() -> bool:
-    """A SIGTERM to this worker, or a node drain Ray Train reports (a barrier on every rank)."""
-    import ray.train
+def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
+    def stop_requested() -> bool:
+        """A SIGTERM to this worker, a node drain that Ray Train reports (a barrier on every
+        rank), or the driver's request (its STOP file in the run directory)."""
+        import ray.train
 
-    preempted = ray.train.get_preemption_info() is not None
-    return _SIGTERM.is_set() or preempted
+        preempted = ray.train.get_preemption_info() is not None
+        return _SIGTERM.is_set() or preempted or run_dir.exists(STOP_FILE)
+
+    return stop_requested
 
 
 def _report(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
@@ -242,4 +265,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
     check_storage_probes(loop_config["probes"])
     _catch_sigterm()
     job = Job(**loop_config["job"])
-    job.run(ctx, on_checkpoint=_report, stop_requested=_stop_requested, restart=_restored_address())
+    run_dir = storage.location(job.run_address)
+    try:
+        job.run(ctx, on_checkpoint=_report, stop_requested=_stop_check(run_dir), restart=_restored_address())
+    except Preempted:
+        if run_dir.exists(STOP_FILE):
+            return  # the driver asked: the run ends here (a retry would only stop again)
+        raise  # this worker or its node is going away: Ray restarts the group from the checkpoint

@@ -155,9 +155,40 @@ def test_two_concurrent_submits_of_one_run_the_second_fails_on_the_lease(head, t
         logs = second.stdout + second.stderr
         assert second.returncode != 0 and "exit code 3" in logs, logs
         assert f"is in use by another job: pid {holder['pid']} on host {holder['host']}" in logs
-        assert f"Ray job {holder['ray_job_id']}" in logs
+        assert holder["submission"].startswith("dcgan-") and f"Ray job submission {holder['submission']}" in logs
     finally:
         out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step-*")) == ["step-00000020", "step-00000040"]
     assert not lease.exists()
+
+
+def test_ray_job_stop_checkpoints_at_a_step_boundary_and_the_resubmit_finishes_the_run(head, tmp_path: Path):
+    # No checkpoint before step 1000: whatever survives the stop was written because of it.
+    cfg, config = _job_config(tmp_path, "stopped", train={"steps": 400}, checkpoint={"every": 1000, "keep": 2, "stop_check_every": 1})
+    env, address = head
+    first = subprocess.Popen(
+        ["bash", ROOT / "launch/submit.sh", config, "--address", address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (cfg.run_dir / "config.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the chief writes it just before the first step
+        time.sleep(3)
+        submission = json.loads(cfg.run_dir.with_name("stopped.lease").read_text())["submission"]
+        stop = subprocess.run([RAY_CLI, "job", "stop", submission, "--address", address],
+                              env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    finally:
+        out, _ = first.communicate(timeout=300)
+    (saved,) = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
+    step = int(saved.name[5:])
+    assert 0 < step < 400, out
+    assert not (cfg.run_dir / "STOP").exists() and not cfg.run_dir.with_name("stopped.lease").exists()
+
+    resumed = submit(head, config)
+    logs = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, logs
+    assert f"(step {step}," in logs
+    assert (cfg.run_dir / "checkpoints" / "step-00000400" / "manifest.json").is_file()
