@@ -21,7 +21,7 @@ DRYRUN_CONFIG := $(if $(filter tensorflow,$(BACKEND)),configs/dryrun-tf.yaml,con
 dryrun: $(STAMP)
 	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
-# Two processes: torch and TensorFlow never share one (DESIGN.md, traps).
+# Two processes: torch and TensorFlow never share one (docs/ARCHITECTURE.md, traps).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/tf $(PYTEST_ARGS)

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import config, ray_runner
-from pipeline.dryrun import dry_run
-from pipeline.session import StartOptions
+from pipeline.job import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +45,10 @@ def main() -> None:
     try:
         torch.set_num_threads(1)
         local_cfg = _config(runs, "local", "local", 1)
-        local = dry_run(local_cfg, steps=args.steps)
-        ray_1 = ray_runner.run(_config(runs, "ray1", "ray", 1), StartOptions(), args.steps)
-        ray_2 = ray_runner.run(_config(runs, "ray2", "ray", 2), StartOptions(), args.steps)
+        local_job = plan(local_cfg, dry_run_steps=args.steps)
+        local = local_job.result(local_job.run())
+        ray_1 = ray_runner.run(plan(_config(runs, "ray1", "ray", 1), dry_run_steps=args.steps))
+        ray_2 = ray_runner.run(plan(_config(runs, "ray2", "ray", 2), dry_run_steps=args.steps))
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     result = {

@@ -9,7 +9,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 ray=${RAY:-$root/.venv/bin/ray}
 [[ -x $ray ]] || ray=$(command -v ray) || { echo "ray not found: run 'make install' first" >&2; exit 2; }
-export RAY_AUTH_MODE=token  # a CLI-started head does not enable it by itself (DESIGN.md, traps)
+export RAY_AUTH_MODE=token  # a CLI-started head does not enable it by itself (docs/ARCHITECTURE.md, traps)
 export PATH="$(dirname "$ray"):$PATH"  # jobs' `python` is the one beside this ray (the project's venv)
 
 case ${1:-} in

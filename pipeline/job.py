@@ -56,10 +56,12 @@ class Job:
         on_checkpoint: CheckpointHook = no_checkpoint_hook,
         stop_requested: StopCheck = never_stop,
         restart: Optional[str] = None,
+        on_ready: Callable[[], None] = lambda: None,
     ) -> Optional[dict[str, Any]]:
         """This rank's part of the job. `restart`: a checkpoint a distributed runner restored
-        after a failure inside one run (used if it verifies). Returns the final metrics, or
-        for a dry run the report (on the chief)."""
+        after a failure inside one run (used if it verifies). `on_ready` runs once the
+        framework is set up, before the first step. Returns the final metrics, or for a dry run
+        the report (on the chief)."""
         if self.dry_run_steps is not None:
             from pipeline.dryrun import dry_run
 
@@ -70,6 +72,7 @@ class Job:
         with TrainingSession(
             self.cfg, ctx, start, self.run_address, None, on_checkpoint, stop_requested, self.id
         ) as session:
+            on_ready()
             summary = session.run()
         return {**summary.last_metrics, "step": summary.end_step}
 

@@ -267,7 +267,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
     job = Job(**loop_config["job"])
     run_dir = storage.location(job.run_address)
     try:
-        job.run(ctx, on_checkpoint=_report, stop_requested=_stop_check(run_dir), restart=_restored_address())
+        # Once more when the backend is up: TensorFlow's coordination service (under
+        # MultiWorkerMirroredStrategy) installs a SIGTERM handler of its own as it starts.
+        job.run(ctx, _report, _stop_check(run_dir), _restored_address(), on_ready=_catch_sigterm)
     except Preempted:
         if run_dir.exists(STOP_FILE):
             return  # the driver asked: the run ends here (a retry would only stop again)

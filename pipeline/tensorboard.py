@@ -1,7 +1,7 @@
 """TensorBoard event files on the chief; a null writer everywhere else.
 
 tensorboardX, not torch.utils.tensorboard: torch's writer imports TensorFlow when it is
-installed, and torch + TensorFlow in one process crashes (DESIGN.md, traps). The tag names
+installed, and torch + TensorFlow in one process crashes (docs/ARCHITECTURE.md, traps). The tag names
 are the contract shared by both backends.
 """
 
@@ -87,7 +87,7 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch in a TensorFlow process.
 
     tensorboardX imports torch whenever it can; beside TensorFlow that must not happen
-    (DESIGN.md, traps). A None entry in sys.modules makes that one `import torch` fail, and
+    (docs/ARCHITECTURE.md, traps). A None entry in sys.modules makes that one `import torch` fail, and
     tensorboardX falls back to numpy; the entry is removed again at once."""
     if "tensorflow" in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None

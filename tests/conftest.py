@@ -20,7 +20,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Ray workers started by the tests inherit it.
 os.environ.setdefault("DCGAN_CACHE_DIR", tempfile.mkdtemp(prefix="dcgan-test-cache-"))
 # TensorBoard's EventAccumulator imports TensorFlow when it is installed, which must not happen
-# in a process that runs torch (DESIGN.md, traps); this marker module makes it use its stub.
+# in a process that runs torch (docs/ARCHITECTURE.md, traps); this marker module makes it use its stub.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 

@@ -192,3 +192,15 @@ def test_ray_job_stop_checkpoints_at_a_step_boundary_and_the_resubmit_finishes_t
     assert resumed.returncode == 0, logs
     assert f"(step {step}," in logs
     assert (cfg.run_dir / "checkpoints" / "step-00000400" / "manifest.json").is_file()
+
+
+def test_cluster_launcher_commands_use_no_variable_that_nothing_sets():
+    import re
+
+    config = yaml.safe_load((ROOT / "launch/cluster.yaml").read_text())
+    provided = {"RAY_HEAD_IP"}  # set by Ray's cluster launcher on worker nodes
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config[key]:
+            assigned = set(re.findall(r"(?:^|[;\s])([A-Za-z_][A-Za-z0-9_]*)=", command))
+            used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", command))
+            assert used <= assigned | provided, f"{key}: {command!r} uses {used - assigned - provided}"

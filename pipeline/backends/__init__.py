@@ -1,6 +1,6 @@
 """Backends: one per framework, chosen by `backend:` in the config and imported lazily.
 
-Lazy imports keep the rule that one process never loads two frameworks (DESIGN.md, traps).
+Lazy imports keep the rule that one process never loads two frameworks (docs/ARCHITECTURE.md, traps).
 """
 
 from __future__ import annotations

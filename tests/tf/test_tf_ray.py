@@ -78,3 +78,38 @@ def test_two_tensorflow_workers_train_and_survive_a_killed_worker(tmp_path: Path
         backend.load(run.run_dir / "checkpoints" / "step-00000008")
         final.append(backend.fingerprint())
     assert final[0] == final[1]
+
+
+def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_retry_ends_as_uninterrupted(tmp_path: Path):
+    import numpy as np
+
+    from pipeline.backends.tf_backend import tf
+    from pipeline.backends.tf_backend.backend import TFBackend
+    from pipeline.context import LOCAL
+    from tests.helpers import traced_worker
+
+    def config(name: str, **train):
+        cfg = tf_ray_config(tmp_path, name, **train)
+        cfg.checkpoint.every, cfg.checkpoint.stop_check_every = 8, 1  # nothing saved before step 8 but the stop's
+        return cfg
+
+    reference = config("tf-uninterrupted")
+    ray_runner.run(plan(reference))
+    stopped = config("tf-sigterm", max_failures=1)
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    metrics = ray_runner.run(plan(stopped), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=3, sig=signal.SIGTERM))
+    assert (traces / "killed").exists() and metrics["step"] == 8
+    steps = sorted(int(p.name[5:]) for p in (stopped.run_dir / "checkpoints").glob("step-*"))
+    assert len(steps) == 2 and 0 < steps[0] < 8 and steps[1] == 8, steps  # the stop's checkpoint, then the end
+
+    weights = []
+    for run in (reference, stopped):
+        backend = TFBackend(run, LOCAL, tf.distribute.OneDeviceStrategy("/device:CPU:0"))
+        backend.load(run.run_dir / "checkpoints" / "step-00000008")
+        weights.append(backend.export_weights())
+    for name, value in weights[0].items():
+        if "running_" in name:  # one more averaging of the replicas' BN statistics: rounding only
+            np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-8, err_msg=name)
+        else:
+            np.testing.assert_array_equal(weights[1][name], value, err_msg=name)

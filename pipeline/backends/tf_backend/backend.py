@@ -69,7 +69,7 @@ class TFBackend:
             self.netG = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
             self.netD = build_discriminator(model.ndf, data.channels, data.image_size, seed + 1000, sync)
             self.optG, self.optD = _adam(cfg), _adam(cfg)
-            self.optG.build(self.netG.trainable_variables)  # slots inside the scope (DESIGN.md, traps)
+            self.optG.build(self.netG.trainable_variables)  # slots inside the scope (docs/ARCHITECTURE.md, traps)
             self.optD.build(self.netD.trainable_variables)
             fixed = np.random.default_rng(ctx.fixed_noise_seed(cfg.train.seed)).standard_normal(
                 (cfg.logging.num_samples, model.nz)

@@ -150,7 +150,7 @@ def release(world_size: int) -> None:
     """Before the process group goes away: free DDP reducers, then meet at a barrier.
 
     Dropping the DDP modules and collecting them before the last barrier avoids the gloo
-    SIGABRT at interpreter exit seen on our machines (DESIGN.md, traps).
+    SIGABRT at interpreter exit seen on our machines (docs/ARCHITECTURE.md, traps).
     """
     gc.collect()
     if world_size > 1 and dist.is_initialized():
