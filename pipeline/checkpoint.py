@@ -223,16 +223,26 @@ class CheckpointManager:
             return None
         return name if _STEP_DIR.match(name) else None
 
-    def latest(self) -> Optional[CheckpointInfo]:
-        """The checkpoint LATEST names if it verifies, else the newest one that does."""
+    def latest(self, job: Optional[str] = None) -> Optional[CheckpointInfo]:
+        """The checkpoint LATEST names if it verifies, else the newest one that does; with
+        `job`, only checkpoints that job wrote (their manifests are read before anything is
+        downloaded or hashed)."""
         pointed = self.latest_name()
         candidates = ([pointed] if pointed else []) + [n for n in self.complete_steps() if n != pointed]
+        if job is not None:
+            candidates = [n for n in candidates if self._written_by(n) == job]
         for name in candidates:
             try:
                 return self.fetch(name)
             except CheckpointError as err:
                 log.warning("skipping checkpoint %s: %s; falling back to the previous one", name, err)
         return None
+
+    def _written_by(self, name: str) -> Optional[str]:
+        try:
+            return json.loads(self.location.read_text(f"{name}/{MANIFEST}")).get("job")
+        except (OSError, ValueError, AttributeError):
+            return None  # unreadable: verification will say why, if it is ever a candidate
 
     def set_aside_after(self, step: int, keep_name: Optional[str] = None) -> Optional[str]:
         """An explicit resume of an older step starts a new line: the newer steps of the old

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path, metavar="DIR", help="the new checkpoint directory")
 
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
-    sample.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    sample.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="grid PNG, or a directory with --separate")
     sample.add_argument("--separate", action="store_true", help="one PNG per image in the --out directory")
@@ -146,13 +146,13 @@ def _convert(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from pipeline import config
     from pipeline.backends import create_backend
-    from pipeline.checkpoint import verify
+    from pipeline.checkpoint import fetch
     from pipeline.context import LOCAL
     from pipeline.images import make_grid, save_png
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
-    info = verify(args.checkpoint)
+    info = fetch(args.checkpoint)
     cfg = config.validate(info.config, f"{args.checkpoint}/manifest.json")
     cfg.runtime.device = args.device
     backend = create_backend(cfg, LOCAL)

@@ -85,9 +85,9 @@ class Job:
                 log.warning("the restored checkpoint %s does not verify (%s); falling back", restart, err)
         # Also when the runner restored nothing: Ray registers a reported checkpoint only at its
         # next poll of the workers, so a failure just after a save can precede the registration.
-        newest = _checkpoints(self.cfg).latest()
-        if newest is not None and newest.manifest.get("job") == self.id:
-            return newest
+        own = _checkpoints(self.cfg).latest(job=self.id)
+        if own is not None:
+            return own
         return fetch(self.start) if self.start is not None else None
 
     def result(self, last_metrics: dict[str, Any]) -> dict[str, Any]:

@@ -78,8 +78,8 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     run_dir = storage.location(job.run_address)
     run_dir.delete(STOP_FILE)  # left by a driver that was killed before it could remove it
     probes = write_storage_probes(job)
-    experiment = storage.join(job.run_address, f"{RAY_DIR}/fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-    trainer = build_trainer(job, probes, experiment, train_fn or _worker)
+    fit_name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trainer = build_trainer(job, probes, fit_name, train_fn or _worker)
 
     def ask_the_ranks_to_stop(signum, frame) -> None:
         run_dir.write_text(STOP_FILE, f"SIGTERM to the driver, pid {os.getpid()}\n")
@@ -103,8 +103,9 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     return job.result(metrics)
 
 
-def build_trainer(job: Job, probes: list[str], experiment: str, train_fn: Callable):
-    """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set)."""
+def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable):
+    """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set); Ray's
+    experiment directory is <run>/.ray/<fit_name>, one per fit."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     cfg = job.cfg
@@ -116,8 +117,6 @@ def build_trainer(job: Job, probes: list[str], experiment: str, train_fn: Callab
     else:
         from ray.train.torch import TorchTrainer as Trainer
 
-    parent, _, name = experiment.partition("?")[0].rpartition("/")
-    query = experiment.partition("?")[2]
     return Trainer(
         train_fn,
         train_loop_config={"job": dataclasses.asdict(job), "probes": probes},
@@ -127,8 +126,8 @@ def build_trainer(job: Job, probes: list[str], experiment: str, train_fn: Callab
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=parent + (f"?{query}" if query else ""),
+            name=fit_name,
+            storage_path=storage.join(job.run_address, RAY_DIR),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # pointers; our manager keeps the checkpoints
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),

@@ -95,6 +95,21 @@ def test_cluster_launcher_config_validates_against_rays_schema():
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
 
 
+def submit_in_background(head, config: Path) -> subprocess.Popen:
+    env, address = head
+    return subprocess.Popen(
+        ["bash", ROOT / "launch/submit.sh", config, "--address", address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for(path: Path, job: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert path.exists(), f"{path} never appeared"
+
+
 def _job_config(tmp_path: Path, name: str, **sections) -> tuple:
     cfg = small_config(tmp_path, run={"name": name}, scaling={"num_workers": 1}, runtime={"runner": "ray"}, **sections)
     return cfg, write_config(tmp_path / f"{name}.yaml", cfg)
@@ -138,17 +153,10 @@ def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head
 
 def test_two_concurrent_submits_of_one_run_the_second_fails_on_the_lease(head, tmp_path: Path):
     cfg, config = _job_config(tmp_path, "busy", train={"steps": 40}, checkpoint={"every": 20, "keep": 2})
-    env, address = head
-    first = subprocess.Popen(
-        ["bash", ROOT / "launch/submit.sh", config, "--address", address],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    first = submit_in_background(head, config)
     try:
         lease = cfg.run_dir.with_name("busy.lease")
-        deadline = time.monotonic() + 240
-        while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert lease.exists(), "the first job never took the lease"
+        wait_for(lease, first)
         holder = json.loads(lease.read_text())
 
         second = submit(head, config)
@@ -167,14 +175,9 @@ def test_ray_job_stop_checkpoints_at_a_step_boundary_and_the_resubmit_finishes_t
     # No checkpoint before step 1000: whatever survives the stop was written because of it.
     cfg, config = _job_config(tmp_path, "stopped", train={"steps": 400}, checkpoint={"every": 1000, "keep": 2, "stop_check_every": 1})
     env, address = head
-    first = subprocess.Popen(
-        ["bash", ROOT / "launch/submit.sh", config, "--address", address],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    first = submit_in_background(head, config)
     try:
-        deadline = time.monotonic() + 240
-        while not (cfg.run_dir / "config.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the chief writes it just before the first step
+        wait_for(cfg.run_dir / "config.yaml", first)  # the chief writes it just before the first step
         time.sleep(3)
         submission = json.loads(cfg.run_dir.with_name("stopped.lease").read_text())["submission"]
         stop = subprocess.run([RAY_CLI, "job", "stop", submission, "--address", address],

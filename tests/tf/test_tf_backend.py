@@ -39,7 +39,7 @@ def test_checkpoint_round_trip(tmp_path: Path):
     losses = _train(backend, cfg, 2)
     assert all(np.isfinite(list(step.values())).all() for step in losses)
     manager = CheckpointManager(tmp_path / "ckpt", keep=2)
-    path = manager.save(2, backend.save, {"framework": "tensorflow", "world_size": 1, "config": cfg.to_dict()})
+    path = manager.save(2, backend.save, {"framework": "tensorflow", "world_size": 1, "config": cfg.to_dict()}).path
     fresh = TFBackend(cfg, LOCAL, tf.distribute.OneDeviceStrategy(SINGLE))
     assert fresh.fingerprint() != backend.fingerprint()
     fresh.load(path)
