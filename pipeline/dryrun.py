@@ -23,7 +23,7 @@ from pipeline.backends import create_backend
 from pipeline.checkpoint import CheckpointError, verify
 from pipeline.config import Config
 from pipeline.context import LOCAL, RankContext
-from pipeline.loop import CheckpointHook, no_checkpoint_hook
+from pipeline.loop import CheckpointHook
 from pipeline.progress import format_seconds
 from pipeline.session import TrainingSession
 

@@ -9,7 +9,6 @@ that rank's RankContext. Where the run starts is decided before, once, by the dr
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 from pipeline import storage

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.job import StartOptions, plan
+from pipeline.job import plan
 from tests.conftest import small_config
 from tests.helpers import local_ray, traced_worker
 

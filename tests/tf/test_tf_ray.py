@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.job import StartOptions, plan
+from pipeline.job import plan
 from tests.conftest import small_config
 from tests.helpers import local_ray
 
