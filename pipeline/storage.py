@@ -180,15 +180,8 @@ class ObjectLocation(Location):
         return self.fs.get_file_info(self._path(name)).type != pyarrow.fs.FileType.NotFound
 
     def read_text(self, name: str) -> str:
-        try:
-            with self.fs.open_input_stream(self._path(name)) as stream:
-                return stream.readall().decode()
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            if "not found" in str(err).lower() or "does not exist" in str(err).lower():
-                raise FileNotFoundError(f"{self}/{name}") from None
-            raise
+        with self.fs.open_input_stream(self._path(name)) as stream:  # FileNotFoundError when absent
+            return stream.readall().decode()
 
     def write_text(self, name: str, text: str) -> None:
         with self.fs.open_output_stream(self._path(name)) as stream:  # one PUT: whole or nothing
