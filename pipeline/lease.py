@@ -149,6 +149,11 @@ class RunLease:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
+            held = _read(self.runs, self.name)
+            if held is not None and held.get("id") != self.id:
+                # Taken over after our heartbeat stalled past stale_after: never write over it.
+                log.error("lost the lease of %s to pid %s on %s", self.label, held.get("pid"), held.get("host"))
+                return
             try:
                 self.runs.write_text(self.name, json.dumps(self._record()))
             except OSError as err:  # storage hiccup: the next beat tries again
