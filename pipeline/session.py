@@ -70,8 +70,9 @@ class TrainingSession:
         self.progress = progress or make_progress(ctx.is_chief)
 
         def on_checkpoint_synced(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
-            self.writer.flush()  # events and samples reach the run's storage with each checkpoint
-            self.run_files.sync()
+            if ctx.is_chief:  # events and samples reach the run's storage with each checkpoint
+                self.writer.flush()
+                self.run_files.sync()
             on_checkpoint(step, saved, metrics)
 
         self.on_checkpoint = on_checkpoint_synced
