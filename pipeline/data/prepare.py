@@ -42,7 +42,8 @@ def prepare(cfg: DataSection, force: bool = False) -> dict[str, Any]:
 def _prepare_lock(cfg: DataSection):
     address = cfg.resolved_prepared_dir()
     if storage.is_uri(address):
-        return node_lock(storage.cache_dir_for("prepared", address).with_suffix(".lock"))
+        local = storage.cache_dir_for("prepared", address)
+        return node_lock(local.with_name(local.name + ".lock"))
     target = Path(address)
     return node_lock(target.parent / f".{target.name}.lock")
 
