@@ -179,7 +179,3 @@ def move_aside(cfg: Config) -> Optional[str]:
     parent.move(cfg.run.name, target)
     log.info("--fresh: moved the previous run to %s", storage.join(cfg.runs_root, target))
     return target
-
-
-# What a runner is: ships a job to its ranks and returns the job's result.
-Runner = Callable[[Job], dict[str, Any]]
