@@ -134,7 +134,15 @@ class RuntimeSection(_Section):
     runner: Literal["local", "ray"] = Field(
         "local", description="local = one in-process rank (debugging, profiling); ray = Ray Train workers."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto picks CUDA when available (under the Ray runner: when scaling.use_gpu gives each worker one).",
+    )
+    deterministic: bool = Field(
+        True,
+        description="Deterministic kernels (torch: use_deterministic_algorithms, cuDNN deterministic, a fixed "
+        "cuBLAS workspace; TensorFlow: enable_op_determinism), so a resume on GPU ends bit-identical.",
+    )
     ray_address: Optional[str] = Field(
         None, description="Ray cluster to join (e.g. auto, ray://host:10001); none = start a local Ray on 127.0.0.1."
     )
@@ -166,6 +174,20 @@ class Config(_Section):
                 f"train.global_batch_size={batch} is not divisible by scaling.num_workers={workers}; "
                 "every rank must take an equal slice of the global batch"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ray_assigns_the_gpus(self) -> "Config":
+        """Under Ray a worker trains on the GPU Ray reserved for it, or on none."""
+        if self.runtime.runner != "ray":
+            return self
+        if self.runtime.device == "cuda" and not self.scaling.use_gpu:
+            raise ValueError(
+                "runtime.device='cuda' with runtime.runner='ray' needs scaling.use_gpu=true: "
+                "a worker may only use the GPU Ray reserves for it"
+            )
+        if self.runtime.device == "cpu" and self.scaling.use_gpu:
+            raise ValueError("scaling.use_gpu=true reserves a GPU per worker that runtime.device='cpu' would leave idle")
         return self
 
     @model_validator(mode="after")
@@ -286,9 +308,14 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
         path = Path(path)
         source = str(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+                "is it the YAML config?"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -15,6 +16,8 @@ class RankContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # The accelerator Ray reserved for this worker ("cuda:1"); None without Ray or without GPUs.
+    device: Optional[str] = None
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 
 from pipeline import storage
 from pipeline.checkpoint import CheckpointInfo, step_dir_name
+from pipeline.config import Config
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
 from pipeline.loop import Preempted
@@ -253,17 +254,33 @@ def _restored_address() -> Optional[str]:
         return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoint"]
 
 
+def rank_context(cfg: Config) -> RankContext:
+    """This worker's place in the group, and the GPU Ray reserved for it.
+
+    TorchTrainer shares CUDA_VISIBLE_DEVICES between the workers of a node, so the device index
+    is where this worker's GPU id sits in that list (Ray's get_device), not its local rank.
+    TensorflowTrainer shows each worker only its own GPU: TensorFlow needs no index."""
+    import ray.train
+
+    context = ray.train.get_context()
+    device = None
+    if cfg.scaling.use_gpu and cfg.backend == "torch":
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    return RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size(), device)
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     # Our progress lines at INFO; Ray's own loggers keep their levels.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    context = ray.train.get_context()
-    ctx = RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size())
+    job = Job(**loop_config["job"])
+    ctx = rank_context(job.cfg)
     check_storage_probes(loop_config["probes"])
     _catch_sigterm()
-    job = Job(**loop_config["job"])
     run_dir = storage.location(job.run_address)
     try:
         # Once more when the backend is up: TensorFlow's coordination service (under

@@ -139,19 +139,133 @@ def test_gpus_only_where_asked_for(rendered):
             assert gpus == [None] * len(gpus) and "nvidia.com/gpu" not in tolerations, where
 
 
-def test_namespace_network_policy_volume_and_tensorboard(rendered):
+def test_namespace_volume_and_tensorboard(rendered):
     _, docs = rendered
     namespace = _one(docs, "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert all(d["metadata"].get("namespace") == namespace["metadata"]["name"] for d in docs if d["kind"] != "Namespace")
-    policy = _one(docs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"] == {"matchLabels": {"ray.io/node-type": "head"}} and policy["policyTypes"] == ["Ingress"]
-    sources = policy["ingress"][0]["from"]
-    assert all("podSelector" in s and "namespaceSelector" not in s and "ipBlock" not in s for s in sources)
     assert _one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
     (board,) = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert board["command"][:1] == ["tensorboard"] and "127.0.0.1" in board["command"]
     assert all(m.get("readOnly") for m in board["volumeMounts"] if m["mountPath"] == "/data")
+    for probe in ("readinessProbe", "livenessProbe"):  # exec: the server is on the pod's loopback
+        command = board[probe]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and "http://127.0.0.1:6006/" in command[2], probe
+
+
+def test_no_pod_gets_a_service_account_token(rendered):
+    _, docs = rendered
+    for name, spec in _pod_specs(docs).items():
+        assert spec.get("automountServiceAccountToken") is False, name
+
+
+# --- the network, as a NetworkPolicy-enforcing plugin would apply the rendered policies ---------
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a set of labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        present = key in labels
+        ok = {"In": present and labels[key] in values, "NotIn": not present or labels[key] not in values,
+              "Exists": present, "DoesNotExist": not present}[op]  # fmt: skip
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, policy_ns: str, pod: dict) -> bool:
+    assert "ipBlock" not in peer, "this model covers pod and namespace peers only"
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["namespace"]})
+    else:
+        in_namespace = pod["namespace"] == policy_ns
+    return in_namespace and _selects(peer.get("podSelector", {}), pod["labels"])
+
+
+def _port_matches(rule: dict, port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("protocol", "TCP") == protocol and p["port"] == port for p in ports)
+
+
+def _allowed(policies: list[dict], src: dict, dst: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether src may open a connection to dst:port: dst's ingress and src's egress both allow it.
+    A pod that no policy of a direction selects is open in that direction."""
+
+    def direction(pod: dict, kind: str, key: str, peer_key: str, other: dict) -> bool:
+        selecting = [
+            p for p in policies
+            if p["metadata"]["namespace"] == pod["namespace"] and kind in p["spec"]["policyTypes"]
+            and _selects(p["spec"]["podSelector"], pod["labels"])
+        ]  # fmt: skip
+        if not selecting:
+            return True
+        return any(
+            _port_matches(rule, port, protocol)
+            and (not rule.get(peer_key) or any(_peer_matches(peer, p["metadata"]["namespace"], other) for peer in rule[peer_key]))
+            for p in selecting
+            for rule in p["spec"].get(key, [])
+        )
+
+    return direction(dst, "Ingress", "ingress", "from", src) and direction(src, "Egress", "egress", "to", dst)
+
+
+def _network_pods(docs: list[dict]) -> dict[str, dict]:
+    """Every pod of the deployment with the labels it runs with: its template's, plus those
+    KubeRay 1.7 sets on the pods it creates (ray-operator/controllers/ray/common/pod.go,
+    rayjob_controller.go), plus a few pods outside it."""
+    ns = _one(docs, "Namespace")["metadata"]["name"]
+    job = _one(docs, "RayJob")["spec"]
+    cluster = job["rayClusterSpec"]
+    template_labels = lambda t: dict(t.get("metadata", {}).get("labels", {}))  # noqa: E731
+    ray_node = lambda kind, group: {"ray.io/is-ray-node": "yes", "ray.io/cluster": "dcgan-x7k2p",  # noqa: E731
+                                    "ray.io/node-type": kind, "ray.io/group": group}  # fmt: skip
+    pods = {
+        "head": template_labels(cluster["headGroupSpec"]["template"]) | ray_node("head", "headgroup"),
+        "submitter": template_labels(job["submitterPodTemplate"])
+        | {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": "dcgan", "job-name": "dcgan"},
+        "tensorboard": template_labels(_one(docs, "Deployment")["spec"]["template"]),
+        "other pod in the namespace": {"app": "something-else"},
+    }
+    for group in cluster["workerGroupSpecs"]:
+        pods["worker"] = template_labels(group["template"]) | ray_node("worker", group["groupName"])
+    found = {name: {"namespace": ns, "labels": labels} for name, labels in pods.items()}
+    found["operator"] = {"namespace": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    found["pod of another namespace"] = {"namespace": "default", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    found["dns"] = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    return found
+
+
+def test_the_network_admits_exactly_what_the_job_needs(rendered):
+    _, docs = rendered
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = _network_pods(docs)
+    dashboard, gcs = 8265, 6379
+    allowed = lambda src, dst, port, protocol="TCP": _allowed(policies, pods[src], pods[dst], port, protocol)  # noqa: E731
+
+    # The job's own traffic.
+    for src, dst in [("worker", "head"), ("head", "worker"), ("worker", "worker"), ("head", "head")]:
+        assert allowed(src, dst, gcs) and allowed(src, dst, 12345), (src, dst)
+    assert allowed("submitter", "head", dashboard)
+    assert allowed("operator", "head", dashboard), "KubeRay's RayJob controller polls the job's status here"
+    for name in ("head", "worker", "submitter", "tensorboard"):
+        assert allowed(name, "dns", 53, "UDP") and allowed(name, "dns", 53, "TCP"), name
+    # Everything else is denied: a default deny covers the whole namespace.
+    assert not allowed("submitter", "head", gcs) and not allowed("submitter", "worker", dashboard)
+    assert not allowed("operator", "head", gcs) and not allowed("operator", "worker", dashboard)
+    assert not allowed("pod of another namespace", "head", dashboard)
+    for outsider in ("other pod in the namespace", "tensorboard"):
+        assert not allowed(outsider, "head", dashboard) and not allowed(outsider, "worker", gcs), outsider
+    for src in ("head", "worker", "submitter", "operator", "other pod in the namespace"):
+        assert not allowed(src, "tensorboard", 6006), src
+    for dst in ("head", "worker", "operator", "pod of another namespace"):
+        assert not allowed("tensorboard", dst, dashboard), dst
+    assert not allowed("worker", "operator", 443) and not allowed("head", "pod of another namespace", 443)
+    assert allowed("other pod in the namespace", "dns", 53, "UDP")  # name resolution is for every pod
+    assert any(p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+               and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in policies), "default deny"  # fmt: skip
 
 
 def test_k8s_configs_validate_and_say_how_to_run():

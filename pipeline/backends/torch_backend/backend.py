@@ -13,7 +13,8 @@ from torch import nn
 
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
 from pipeline.backends.torch_backend import distributed, weights
-from pipeline.backends.torch_backend.feed import pick_device, to_device, to_uint8_images
+from pipeline.backends.torch_backend.device import make_deterministic, pick_device
+from pipeline.backends.torch_backend.feed import to_device, to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
 from pipeline.config import Config
 from pipeline.context import RankContext
@@ -34,7 +35,8 @@ class TorchBackend:
         """`dtype` of parameters and activations; float64 lets tests check the data-parallel
         arithmetic exactly, where float32 rounding is amplified by ReLU kinks and Adam."""
         self.cfg, self.ctx, self.dtype = cfg, ctx, dtype
-        self.device = pick_device(cfg.runtime.device, ctx.local_rank)
+        make_deterministic(cfg.runtime.deterministic)  # before the first CUDA op
+        self.device = pick_device(cfg.runtime.device, ctx.local_rank, ctx.device)
         torch.manual_seed(ctx.process_seed(cfg.train.seed))  # restored from checkpoints on resume
         model, train = cfg.model, cfg.train
         self.netG, self.netD = build_models(
@@ -45,12 +47,14 @@ class TorchBackend:
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
         self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm)
         self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm)
-        # fused=True: the fused kernel can skip a step on the device when told the gradients
-        # are not finite (see _step), which keeps the non-finite guard free of host syncs.
+        # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
+        # which keeps the non-finite guard free of host syncs (see _step).
         adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
         self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
         self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.amp)
+        # Under float16 a dynamic loss scale. In float32 the scale stays exactly 1 (update(1.0)
+        # in train_step): the scaler is there for its device-side skip of a non-finite update.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if train.amp else 1.0)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
         )
@@ -66,24 +70,22 @@ class TorchBackend:
         return (images.gather(indices) for indices in sharder)
 
     def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params) -> torch.Tensor:
-        """Backward and update unless the loss or a gradient is not finite; returns that flag."""
+        """Backward and update, skipped on every rank when the loss or a gradient is not finite;
+        returns that flag as a device tensor (no host sync)."""
         optimizer.zero_grad(set_to_none=True)
         loss_bad = ~torch.isfinite(loss.detach())
-        if self.scaler.is_enabled():
+        # A NaN-seeded backward turns a non-finite loss into NaN gradients (an inf loss can have
+        # finite ones), and DDP's all-reduce hands them to every rank: all ranks skip together.
+        self.scaler.scale(loss * torch.where(loss_bad, torch.nan, 1.0)).backward()
+        if self.cfg.train.amp:
             # Under float16 an overflowing gradient is routine: the scaler skips that update
             # and lowers its scale. Only a non-finite loss counts as a failure.
-            self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
             return loss_bad.float()
-        loss.backward()
+        self.scaler.unscale_(optimizer)  # a multiplication by 1 that records non-finite gradients
         grads = [p.grad for p in params if p.grad is not None]
-        bad = (loss_bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
-        # The same device-side skip GradScaler uses with fused optimizers: no .item() here.
-        optimizer.grad_scale, optimizer.found_inf = None, bad
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+        self.scaler.step(optimizer)  # skipped when unscale_ found a non-finite gradient
         return bad
 
     def _noise(self, step: int) -> torch.Tensor:
@@ -116,7 +118,7 @@ class TorchBackend:
             bad_g = self._step(self.optG, loss_g, self.netG.parameters())
         finally:
             self.netD.requires_grad_(True)
-        self.scaler.update()
+        self.scaler.update(None if self.cfg.train.amp else 1.0)
         return {
             "loss/d": loss_d.detach().float(),
             "loss/g": loss_g.detach().float(),
@@ -197,7 +199,7 @@ class TorchBackend:
         optimizers = read(OPTIMIZERS_FILE)
         self.optG.load_state_dict(optimizers["generator"])
         self.optD.load_state_dict(optimizers["discriminator"])
-        if self.scaler.is_enabled():
+        if self.cfg.train.amp:  # in float32 the scale is always 1
             self.scaler.load_state_dict(optimizers["scaler"])
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_cpu"])

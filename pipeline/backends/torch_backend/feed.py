@@ -9,15 +9,6 @@ import numpy as np
 import torch
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """CPU, or the CUDA device of this rank on its node."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda, but torch sees no CUDA device (use auto or cpu)")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def to_device(batch: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     pixels = torch.from_numpy(np.ascontiguousarray(batch))
     if device.type == "cuda":
