@@ -52,6 +52,18 @@ def test_bad_config_exits_2_before_writing_anything(tmp_path: Path, args, fragme
     assert list(tmp_path.iterdir()) == [], "nothing may be written on a config error"
 
 
+def test_a_config_that_is_not_text_exits_2_before_writing_anything(tmp_path: Path):
+    not_text = tmp_path / "grid.png"
+    not_text.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))  # e.g. a sample grid passed by mistake
+    work = tmp_path / "work"
+    work.mkdir()
+    result = dcgan("train", "--config", not_text, cwd=work)
+    assert result.returncode == 2, result.stderr
+    assert f"config file {not_text} is not UTF-8 text (byte 0x89 at offset 0)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(work.iterdir()) == [], "nothing may be written on a config error"
+
+
 def _train(tmp_path: Path, cfg, *extra: str):
     return dcgan("train", "--config", write_config(tmp_path / f"{cfg.run.name}.yaml", cfg), *extra, cwd=tmp_path)
 
