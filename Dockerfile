@@ -14,8 +14,11 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels .
 # --- runtime -----------------------------------------------------------------------------------
 FROM rayproject/ray:2.60.0-py311-gpu
 COPY --from=build --chown=1000:100 /tmp/wheels /tmp/wheels
+# tensorflow[and-cuda] brings TensorFlow's CUDA 12 libraries as wheels (plain `tensorflow` finds
+# none and trains on the CPU); torch brings its own CUDA 13 ones. pip resolves the two sets side
+# by side (a dry-run resolve of this line finds no conflict). The node's driver must support CUDA 13.
 RUN pip install --no-cache-dir /tmp/wheels/*.whl \
-        "ray[default,train]==2.60.0" "torch==2.14.1" "torchvision==0.29.1" "tensorflow==2.21.0" \
+        "ray[default,train]==2.60.0" "torch==2.14.1" "torchvision==0.29.1" "tensorflow[and-cuda]==2.21.0" \
     && rm -rf /tmp/wheels
 WORKDIR /app
 COPY --chown=1000:100 configs ./configs

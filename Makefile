@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install only when the project's dependencies change; the stamp records that.
 STAMP := $(VENV)/.installed
 
-.PHONY: dryrun test bench install clean
+.PHONY: dryrun test bench gpu-wheels install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/feed.py
 	$(BIN)/python bench/ray_scaling.py
+
+# The wheels bench/gpu_check.sh installs on a GPU machine without network: the versions of this
+# .venv, pydantic-core (compiled) for every CPython the machine might have.
+WHEELS := bench/wheels
+version = $(shell $(BIN)/python -c "import importlib.metadata as m; print(m.version('$(1)'))")
+gpu-wheels: $(STAMP)
+	rm -rf $(WHEELS)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d $(WHEELS) \
+		pydantic==$(call version,pydantic) annotated-types==$(call version,annotated-types) \
+		typing-inspection==$(call version,typing-inspection) typing-extensions==$(call version,typing-extensions) \
+		tensorboardX==$(call version,tensorboardX)
+	for py in 3.10 3.11 3.12 3.13; do \
+		$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d $(WHEELS) \
+			--platform manylinux2014_x86_64 --implementation cp --python-version $$py \
+			pydantic-core==$(call version,pydantic-core) || exit 1; \
+	done
 
 clean:
 	rm -rf runs data/prepared .pytest_cache

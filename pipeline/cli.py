@@ -84,6 +84,10 @@ def _train(args: argparse.Namespace) -> int:
         dry_run_steps = args.dry_run_steps or DEFAULT_STEPS
         if dry_run_steps < 1:
             raise ConfigError(f"--dry-run-steps must be >= 1, got {dry_run_steps}")
+    if cfg.runtime.runner == "local":
+        from pipeline.backends import check_local_devices
+
+        check_local_devices(cfg)
     options = StartOptions(fresh=args.fresh, resume=args.resume)
     # One writer per run: the lease is held before anything in the run directory changes.
     with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):

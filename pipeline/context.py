@@ -16,7 +16,8 @@ class RankContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    # The accelerator Ray reserved for this worker ("cuda:1"); None without Ray or without GPUs.
+    # Under Ray, the device Ray reserved for this worker: "cuda:1", or "cpu" when it reserved
+    # none. None without Ray: runtime.device decides.
     device: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -263,11 +263,14 @@ def rank_context(cfg: Config) -> RankContext:
     import ray.train
 
     context = ray.train.get_context()
-    device = None
-    if cfg.scaling.use_gpu and cfg.backend == "torch":
+    if not cfg.scaling.use_gpu:
+        device = "cpu"  # Ray reserved no GPU for this worker: the node's GPUs belong to others
+    elif cfg.backend == "torch":
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())
+    else:
+        device = "cuda"
     return RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size(), device)
 
 

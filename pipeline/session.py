@@ -52,11 +52,11 @@ class TrainingSession:
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
         self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id)
+        self.backend: Backend = create_backend(cfg, ctx)  # may refuse the devices or the batch split
         if ctx.is_chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
 
-        self.backend: Backend = create_backend(cfg, ctx)
         self.state = TrainerState()
         if start is not None:
             self.backend.load(start.path)

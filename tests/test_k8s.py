@@ -297,5 +297,7 @@ def test_dockerfile_rules_hadolint_does_not_check():
     assert not re.search(r":latest\b", text) and all(":" in s.split()[0] for s in stages), "pinned image tags"
     assert re.search(r'^ENTRYPOINT \["dcgan"\]', text, re.M) and re.search(r"^CMD \[", text, re.M)
     assert all("--no-cache-dir" in line for line in re.findall(r"pip (?:install|wheel)[^\n]*", text))
+    # TensorFlow with its CUDA libraries: plain `tensorflow` would train on the CPU in a GPU image.
+    assert re.search(r'"tensorflow\[and-cuda\]==[\d.]+"', stages[-1]), "tensorflow[and-cuda] in the final stage"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"data", "runs", ".git", ".venv", "**/checkpoints"} <= set(ignored)

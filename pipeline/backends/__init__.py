@@ -6,7 +6,7 @@ Lazy imports keep the rule that one process never loads two frameworks (docs/ARC
 from __future__ import annotations
 
 from pipeline.backends.base import Backend, NonFiniteError
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext
 
 
@@ -22,4 +22,23 @@ def create_backend(cfg: Config, ctx: RankContext) -> Backend:
     raise AssertionError(f"config validation admits no backend {cfg.backend!r}")
 
 
-__all__ = ["Backend", "NonFiniteError", "create_backend"]
+def check_local_devices(cfg: Config) -> None:
+    """For the local runner, before anything is written: the device asked for exists, and the
+    global batch splits evenly over TensorFlow's replicas on this machine's devices. (Under Ray
+    each worker trains on one GPU or the CPU, so the config's own check covers the split.)"""
+    if cfg.backend == "torch":
+        from pipeline.backends.torch_backend.device import pick_device
+
+        pick_device(cfg.runtime.device)
+        return
+    from pipeline.backends.tf_backend.devices import local_replicas
+
+    replicas = local_replicas(cfg.runtime.device)
+    if cfg.train.global_batch_size % replicas:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the {replicas} "
+            "devices TensorFlow would mirror over on this machine (runtime.device selects them)"
+        )
+
+
+__all__ = ["Backend", "NonFiniteError", "check_local_devices", "create_backend"]

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.backends.torch_backend.backend import TorchBackend
 from pipeline.backends.torch_backend.device import CUBLAS_WORKSPACE, make_deterministic, pick_device
+from pipeline.config import ConfigError
 from pipeline.context import RankContext
 from tests.conftest import small_config
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the be
 def test_cpu_unless_cuda_is_asked_for_and_missing():
     assert pick_device("auto", local_rank=3) == torch.device("cpu")
     assert pick_device("cpu", local_rank=0, assigned="cuda:1") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="runtime.device=cuda, but torch sees no CUDA device"):
+    with pytest.raises(ConfigError, match="runtime.device=cuda, but torch sees no CUDA device"):
         pick_device("cuda")
 
 

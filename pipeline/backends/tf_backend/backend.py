@@ -8,8 +8,7 @@ Every variable, optimizer slots included, is created inside `strategy.scope()`.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -19,27 +18,15 @@ import numpy as np
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
-from pipeline.backends.tf_backend.quiet import native_stderr_silenced
+from pipeline.backends.tf_backend.devices import describe, make_strategy, use_devices
 from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
 from pipeline.data.shards import ShardedImages
 
+log = logging.getLogger(__name__)
+
 STATE_PREFIX = "tf_state"  # tf.train.Checkpoint writes tf_state.index + tf_state.data-*
-
-
-def make_strategy() -> tf.distribute.Strategy:
-    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
-    with native_stderr_silenced():
-        if len(workers) > 1:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
-    if not gpus and len(cpus) > 1:  # logical CPU devices (tf.config.set_logical_device_configuration)
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
-    return tf.distribute.get_strategy()
 
 
 def _adam(cfg: Config) -> keras.optimizers.Optimizer:
@@ -54,7 +41,17 @@ class TFBackend:
 
     def __init__(self, cfg: Config, ctx: RankContext, strategy: Optional[tf.distribute.Strategy] = None):
         self.cfg, self.ctx = cfg, ctx
-        self.strategy = strategy or make_strategy()
+        if cfg.runtime.deterministic:
+            # Process-wide, with no public switch back. Under op determinism an unseeded random
+            # op is an error: the global seed gives every one (Keras internals included) a seed.
+            tf.random.set_seed(ctx.process_seed(cfg.train.seed) % 2**31)
+            tf.config.experimental.enable_op_determinism()
+        if strategy is None:
+            # Under Ray, a worker that Ray gave no GPU trains on the CPU (ctx.device == "cpu").
+            use_devices(ctx.device or cfg.runtime.device)
+            strategy = make_strategy()
+        self.strategy = strategy
+        log.info("TensorFlow: %s", describe(self.strategy))
         replicas = self.strategy.num_replicas_in_sync
         if cfg.train.global_batch_size % replicas:
             raise ConfigError(
@@ -234,11 +231,13 @@ class TFBackend:
         }
 
     def describe(self) -> dict[str, Any]:
-        replicas = self.strategy.num_replicas_in_sync
-        kind = "cpu" if not tf.config.list_logical_devices("GPU") else "gpu"
+        devices = describe(self.strategy)
+        kind = "gpu" if devices["gpus"] else "cpu"
         return {
             "framework": f"tensorflow {tf.__version__}",
-            "device": f"{kind}, {type(self.strategy).__name__.lstrip('_')}, {replicas} replica(s)",
+            "device": f"{kind}, {devices['strategy']}, {devices['replicas']} replica(s)",
+            "devices": devices["devices"],
+            **({"device_name": ", ".join(devices["gpus"])} if devices["gpus"] else {}),
             "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
         }
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from pipeline.config import ConfigError
+
 # cuBLAS picks among workspace-dependent reduction orders unless its workspace is fixed; torch's
 # deterministic mode requires one of the two documented sizes, set before cuBLAS starts.
 CUBLAS_WORKSPACE = ":4096:8"
@@ -15,10 +17,11 @@ CUBLAS_WORKSPACE = ":4096:8"
 def pick_device(requested: str, local_rank: int = 0, assigned: Optional[str] = None) -> torch.device:
     """CPU, or this rank's CUDA device.
 
-    `assigned` is the device Ray reserved for this worker (ray.train.torch.get_device(): the
+    `assigned` is the device Ray reserved for this worker: ray.train.torch.get_device() (the
     position of its GPU id in CUDA_VISIBLE_DEVICES, which Ray shares between the workers of a
-    node). Without Ray (a single local rank, a test harness) the rank's local index picks."""
-    if requested == "cpu":
+    node), or "cpu" when it reserved no GPU. Without Ray (a single local rank, a test harness)
+    the rank's local index picks."""
+    if requested == "cpu" or assigned == "cpu":
         return torch.device("cpu")
     if assigned is not None:
         if not torch.cuda.is_available():
@@ -26,7 +29,7 @@ def pick_device(requested: str, local_rank: int = 0, assigned: Optional[str] = N
         return torch.device(assigned)
     if not torch.cuda.is_available():
         if requested == "cuda":
-            raise RuntimeError("runtime.device=cuda, but torch sees no CUDA device (use auto or cpu)")
+            raise ConfigError("runtime.device=cuda, but torch sees no CUDA device (use auto or cpu)")
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 

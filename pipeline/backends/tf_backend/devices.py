@@ -1,0 +1,73 @@
+"""The devices TensorFlow trains on: what runtime.device (or Ray) allows, and the strategy over them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pipeline.backends.tf_backend import tf
+from pipeline.backends.tf_backend.quiet import native_stderr_captured
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def use_devices(requested: str) -> None:
+    """Show TensorFlow the devices `requested` (auto, cpu, cuda) allows; before its runtime starts.
+
+    cuda with no GPU visible is an error that quotes what TensorFlow said while looking (a CPU-only
+    build, a missing CUDA library, no driver), instead of a silent run on the CPU."""
+    with native_stderr_captured() as native:
+        gpus = tf.config.list_physical_devices("GPU")
+    if requested == "cpu" and gpus:
+        tf.config.set_visible_devices([], "GPU")
+    elif requested == "cuda" and not gpus:
+        said = native.lines("cuda", "gpu", "dlopen", "driver")
+        built = "a CUDA build" if tf.test.is_built_with_cuda() else "a build without CUDA (install tensorflow[and-cuda])"
+        raise ConfigError(
+            f"runtime.device=cuda, but TensorFlow ({built}) sees no GPU"
+            + (": " + " | ".join(said[-3:]) if said else "")
+        )
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """Several workers (TF_CONFIG, as Ray's TensorflowTrainer sets it): MultiWorkerMirroredStrategy;
+    several devices in this process: MirroredStrategy; one: the default strategy."""
+    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
+    with native_stderr_captured():
+        if len(workers) > 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    if not gpus and len(cpus) > 1:  # logical CPU devices (tf.config.set_logical_device_configuration)
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.get_strategy()
+
+
+def local_replicas(requested: str) -> int:
+    """How many replicas make_strategy creates in a process without TF_CONFIG (the local runner)."""
+    use_devices(requested)
+    with native_stderr_captured():
+        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
+    return len(gpus) or len(cpus)
+
+
+def describe(strategy: tf.distribute.Strategy) -> dict[str, object]:
+    """The strategy and the devices this worker's replicas run on, with the GPUs' names."""
+    if strategy is tf.distribute.get_strategy():  # the default strategy: TF's default placement
+        devices = [d.name for d in (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[:1]]
+    else:
+        devices = list(strategy.extended.worker_devices)
+    names = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(details.get("device_name", gpu.name))
+    return {
+        "strategy": type(strategy).__name__.lstrip("_"),
+        "replicas": strategy.num_replicas_in_sync,
+        "devices": devices,
+        "gpus": names,
+    }
