@@ -68,3 +68,22 @@ def test_two_workers_on_one_node_get_the_distinct_gpus_ray_assigned(tmp_path: Pa
         assert sorted(visible) == ["0", "1"], worker
         assert worker["device"] == f"cuda:{visible.index(gpu_id)}", worker
     assert {worker["device"] for worker in seen} == {"cuda:0", "cuda:1"}, seen
+
+
+def test_a_worker_ray_reserved_no_gpu_trains_on_the_cpu_though_the_node_has_gpus(tmp_path: Path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = small_config(tmp_path, scaling={"num_workers": 2}, runtime={"runner": "ray", "device": "auto"})
+    TorchTrainer(
+        _record_device,
+        train_loop_config={"cfg": cfg, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+    ).fit()
+
+    for rank in (0, 1):
+        worker = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for a worker without GPUs: it still sees the node's.
+        assert worker["gpu_ids"] == [] and worker["visible"] == "0,1", worker
+        assert worker["device"] == "cpu", worker

@@ -89,3 +89,25 @@ def test_a_diverged_replica_is_named_before_saving(tmp_path: Path):
     for rank in (0, 1):
         message = (tmp_path / f"error-rank{rank}.txt").read_text()
         assert "first differing tensor discriminator.pt.main.2.weight" in message
+
+
+def _one_rank_infinite_loss(rank: int, world: int, tmp: Path) -> None:
+    cfg = small_config(tmp, train={"global_batch_size": BATCH})
+    backend = TorchBackend(cfg, RankContext(rank, rank, world))
+    images = ShardedImages(ensure_prepared(cfg.data))
+    real = torch.from_numpy(images.gather(next(EpochSharder(len(images), BATCH, cfg.train.seed, rank, world))))
+    real = real.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    before = [p.detach().clone() for p in backend.netD.parameters()]
+    # Rank 1's loss is infinite while its gradients are finite (the constant adds none).
+    loss = backend.trainD(real).mean() + (float("inf") if rank == 1 else 0.0)
+    flag = backend._step(backend.optD, loss, backend.netD.parameters())
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, backend.netD.parameters()))
+    (tmp / f"skip-rank{rank}.txt").write_text(f"{float(flag)} {unchanged}")
+    backend.close()
+
+
+def test_an_infinite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path: Path):
+    _prepare(tmp_path)
+    run_ranks(2, _one_rank_infinite_loss, tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / f"skip-rank{rank}.txt").read_text() == "1.0 True", f"rank {rank} applied the update"

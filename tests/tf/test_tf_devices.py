@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), re
 
 
 def test_cuda_without_a_gpu_is_a_config_error_that_says_what_tensorflow_saw():
-    with pytest.raises(ConfigError, match=r"runtime.device=cuda, but TensorFlow \(.*\) sees no GPU"):
+    with pytest.raises(ConfigError, match=r"runtime.device=cuda, but TensorFlow \(.*\) sees no GPU: ") as caught:
         use_devices("cuda")
+    said = str(caught.value).split("sees no GPU: ", 1)[1]
+    assert "cuda" in said.lower() and "] " not in said, said  # TF's own words, without absl's prefix
 
 
 def test_the_local_runner_refuses_cuda_on_a_machine_without_one_before_writing(tmp_path: Path):

@@ -7,6 +7,7 @@ import logging
 import os
 
 from pipeline.backends.tf_backend import tf
+from pipeline.backends.tf_backend import quiet
 from pipeline.backends.tf_backend.quiet import native_stderr_captured
 from pipeline.config import ConfigError
 
@@ -20,10 +21,11 @@ def use_devices(requested: str) -> None:
     build, a missing CUDA library, no driver), instead of a silent run on the CPU."""
     with native_stderr_captured() as native:
         gpus = tf.config.list_physical_devices("GPU")
-    if requested == "cpu" and gpus:
+    if requested == "cpu" and tf.config.get_visible_devices("GPU"):  # once: the runtime may be up
         tf.config.set_visible_devices([], "GPU")
     elif requested == "cuda" and not gpus:
-        said = native.lines("cuda", "gpu", "dlopen", "driver")
+        keywords = ("cuda", "gpu", "dlopen", "driver")
+        said = quiet.import_output.lines(*keywords) + native.lines(*keywords)
         built = "a CUDA build" if tf.test.is_built_with_cuda() else "a build without CUDA (install tensorflow[and-cuda])"
         raise ConfigError(
             f"runtime.device=cuda, but TensorFlow ({built}) sees no GPU"

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
+
+
+_ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
 
 
 class NativeStderr:
@@ -23,9 +27,11 @@ class NativeStderr:
         self.text = ""
 
     def lines(self, *keywords: str) -> list[str]:
-        """The captured lines that mention any of `keywords` (case-insensitive)."""
+        """The distinct captured lines that mention any of `keywords` (case-insensitive), without
+        the absl prefix ("I0000 00:00:1795776769.648437   28205 cudart_stub.cc:31] ")."""
         wanted = [k.lower() for k in keywords]
-        return [line.strip() for line in self.text.splitlines() if any(k in line.lower() for k in wanted)]
+        found = (_ABSL_PREFIX.sub("", line).strip() for line in self.text.splitlines())
+        return list(dict.fromkeys(line for line in found if any(k in line.lower() for k in wanted)))
 
 
 @contextmanager
@@ -52,10 +58,15 @@ def _restore(saved: int, sink, captured: NativeStderr) -> None:
     captured.text = sink.read().decode("utf-8", "replace")
 
 
+# What TensorFlow printed while it was imported (its CUDA libraries are looked for then).
+import_output = NativeStderr()
+
+
 def import_tensorflow():
+    global import_output
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.WARNING)  # per-step INFO notes from tf.data
     if "tensorflow" not in sys.modules:
-        with native_stderr_captured():
+        with native_stderr_captured() as import_output:
             import tensorflow  # noqa: F401
     return sys.modules["tensorflow"]
