@@ -275,8 +275,6 @@ def rank_context(cfg: Config) -> RankContext:
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
     # Our progress lines at INFO; Ray's own loggers keep their levels.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)

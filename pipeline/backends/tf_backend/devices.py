@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
-from pipeline.backends.tf_backend import tf
-from pipeline.backends.tf_backend import quiet
+from pipeline.backends.tf_backend import quiet, tf
 from pipeline.backends.tf_backend.quiet import native_stderr_captured
 from pipeline.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def use_devices(requested: str) -> None:
