@@ -39,14 +39,17 @@ from pipeline.data import EpochSharder, ShardedImages, ensure_prepared  # noqa: 
 WEIGHT_FILES = ("generator.pt", "discriminator.pt")
 
 
-def _common(work: Path, device: str) -> list[str]:
-    """The workload of every check: 64 px RGB synthetic images, global batch 128."""
-    settings = {
+def _workload(work: Path, device: str) -> dict[str, Any]:
+    """The settings of every check (dotted names): 64 px RGB synthetic images, global batch 128."""
+    return {
         "data.source": "synthetic", "data.synthetic_count": 1024, "data.image_size": 64, "data.channels": 3,
         "data.prepared_dir": str(work / "prepared"), "train.global_batch_size": 128, "run.dir": str(work / "runs"),
         "runtime.runner": "local", "runtime.device": device, "logging.samples_every": 1000,
     }  # fmt: skip
-    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _common(work: Path, device: str) -> list[str]:
+    return [arg for key, value in _workload(work, device).items() for arg in ("--set", f"{key}={value}")]
 
 
 def _dcgan(*args: str) -> subprocess.CompletedProcess:
@@ -145,10 +148,9 @@ def check_ddp(work: Path, device: str, steps: int) -> dict[str, Any]:
 
     from pipeline.backends.torch_backend import TorchBackend
 
-    raw = {"data": {"source": "synthetic", "synthetic_count": 1024, "image_size": 64, "channels": 3,
-                    "prepared_dir": str(work / "prepared")},
-           "model": {"sync_batchnorm": True}, "train": {"global_batch_size": 128},
-           "runtime": {"device": device}}  # fmt: skip
+    raw: dict[str, Any] = {}
+    for key, value in {**_workload(work, device), "model.sync_batchnorm": True}.items():
+        config.apply_override(raw, key.split("."), value)
     cfg = config.validate(raw)
     ensure_prepared(cfg.data)
     with socket.socket() as sock:

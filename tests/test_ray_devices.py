@@ -26,16 +26,10 @@ pytestmark = pytest.mark.integration
 def ray_cluster():
     # The suite hides GPUs (CUDA_VISIBLE_DEVICES=""), and Ray refuses to declare GPUs that the
     # variable excludes: the node shows two, as a two-GPU machine does.
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
         with local_ray(__name__, num_gpus=2):
             yield
-    finally:
-        if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
 
 
 def _record_device(loop_config: dict) -> None:

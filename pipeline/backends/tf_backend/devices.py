@@ -29,34 +29,36 @@ def use_devices(requested: str) -> None:
         )
 
 
+def _local_devices() -> list[str]:
+    """What one worker mirrors over: every GPU, else the logical CPU devices (several only where
+    tf.config.set_logical_device_configuration made them), else the CPU."""
+    with native_stderr_captured():
+        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
+    return [d.name for d in (gpus or cpus)]
+
+
 def make_strategy() -> tf.distribute.Strategy:
     """Several workers (TF_CONFIG, as Ray's TensorflowTrainer sets it): MultiWorkerMirroredStrategy;
     several devices in this process: MirroredStrategy; one: the default strategy."""
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
-    with native_stderr_captured():
-        if len(workers) > 1:
+    if len(workers) > 1:
+        # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
+        with native_stderr_captured():
             return tf.distribute.MultiWorkerMirroredStrategy()
-        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
-    if not gpus and len(cpus) > 1:  # logical CPU devices (tf.config.set_logical_device_configuration)
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
-    return tf.distribute.get_strategy()
+    devices = _local_devices()
+    return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
 
 
 def local_replicas(requested: str) -> int:
     """How many replicas make_strategy creates in a process without TF_CONFIG (the local runner)."""
     use_devices(requested)
-    with native_stderr_captured():
-        gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
-    return len(gpus) or len(cpus)
+    return len(_local_devices())
 
 
 def describe(strategy: tf.distribute.Strategy) -> dict[str, object]:
     """The strategy and the devices this worker's replicas run on, with the GPUs' names."""
     if strategy is tf.distribute.get_strategy():  # the default strategy: TF's default placement
-        devices = [d.name for d in (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[:1]]
+        devices = _local_devices()[:1]
     else:
         devices = list(strategy.extended.worker_devices)
     names = []
