@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[torch,tf,ray,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,eval,export,tf,ray,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,8 @@
             ...                 whatever the backend and the loop wrote
         step-00001200.tmp/      in progress (or left by a crash): never read
         LATEST                  name of the newest complete checkpoint, replaced whole
+        BEST                    name of the checkpoint with the lowest eval/fid (when evaluated);
+                                retention never deletes it
         abandoned-<time>/       steps set aside by an explicit resume of an older step
 
 On a filesystem a save writes into `step-N.tmp/`, fsyncs, writes the manifest, renames the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+BEST = "BEST"
 FORMAT = "dcgan-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -173,10 +177,16 @@ class CheckpointManager:
     def directory(self) -> str:
         return str(self.location)
 
-    def save(self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> CheckpointInfo:
-        """`write_files(tmp_dir)` writes the payload; the protocol above does the rest."""
+    def save(
+        self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any], score: Optional[float] = None
+    ) -> CheckpointInfo:
+        """`write_files(tmp_dir)` writes the payload; the protocol above does the rest. `score`
+        (lower is better, e.g. FID; NaN = not measured) makes it BEST when it beats the current
+        best, the rule Ray Train's CheckpointConfig(checkpoint_score_order="min") applies."""
         name = step_dir_name(step)
         metadata = {**metadata, "job": self.job} if self.job else metadata
+        if score is not None:
+            metadata["score"] = score if math.isfinite(score) else None
         if self.location.is_local:
             self.location.path.mkdir(parents=True, exist_ok=True)
             final = write_checkpoint(self.location.path / name, step, write_files, metadata)
@@ -184,8 +194,25 @@ class CheckpointManager:
         else:
             info = self._stage_and_upload(name, step, write_files, metadata)
         self.location.write_text(LATEST, name + "\n")
+        if score is not None and math.isfinite(score) and score < self.best_score():
+            self.location.write_text(BEST, name + "\n")
         self._prune()
         return info
+
+    def best_name(self) -> Optional[str]:
+        try:
+            name = self.location.read_text(BEST).strip()
+        except (FileNotFoundError, OSError, UnicodeDecodeError):
+            return None
+        return name if _STEP_DIR.match(name) else None
+
+    def best_score(self) -> float:
+        """The score the BEST checkpoint's manifest records; infinity when there is none."""
+        name = self.best_name()
+        try:
+            return float(json.loads(self.location.read_text(f"{name}/{MANIFEST}"))["score"]) if name else math.inf
+        except (OSError, ValueError, KeyError, TypeError):
+            return math.inf  # gone or unreadable: the next scored checkpoint takes its place
 
     def _stage_and_upload(self, name: str, step: int, write_files, metadata) -> CheckpointInfo:
         staging_root = storage.cache_dir_for("staging", str(self.location))
@@ -208,8 +235,10 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         complete = self.complete_steps()
+        best = self.best_name()
         for old in complete[self.keep :] if self.keep is not None else []:
-            self.location.delete(old)
+            if old != best:
+                self.location.delete(old)
         for name in self.location.list():
             if name.startswith("step-") and name.endswith(".tmp"):
                 self.location.delete(name)  # left by a crash mid-save
@@ -258,6 +287,8 @@ class CheckpointManager:
             self.location.write_text(LATEST, keep_name + "\n")
         elif self.latest_name() in newer:
             self.location.delete(LATEST)
+        if self.best_name() in newer:  # the best of the abandoned line is no candidate any more
+            self.location.delete(BEST)
         log.warning("resuming from step %d: moved the newer steps %s to %s/%s", step, ", ".join(newer), self.location, target)
         return target
 

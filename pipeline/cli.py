@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["torch", "tensorflow"], dest="framework")
     convert.add_argument("--out", required=True, type=Path, metavar="DIR", help="the new checkpoint directory")
 
+    evaluate = commands.add_parser("evaluate", help="FID, KID and mode coverage of a checkpoint's samples")
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--num-samples", type=int, default=None, metavar="N", help="default: the run's eval.num_samples")
+    evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH",
+                          help="FID InceptionV3 weights, for data other than the embedded digits")  # fmt: skip
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where G samples")
+
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
@@ -66,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--separate", action="store_true", help="one PNG per image in the --out directory")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    sample.add_argument(
+        "--interpolate", type=int, metavar="STEPS",
+        help="instead of --num samples: a grid of --rows latent interpolations (slerp), STEPS images each",
+    )  # fmt: skip
+    sample.add_argument("--rows", type=int, default=8, help="rows of the --interpolate grid (default 8)")
+
+    export = commands.add_parser("export", help="write a checkpoint's generator for serving (ONNX + safetensors, or SavedModel)")
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR", help="a new (or empty) directory")
+    export.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to load it (default cpu)")
     return parser
 
 
@@ -156,16 +174,24 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    if args.interpolate is not None:
+        _check_interpolation(args)
     info = fetch(args.checkpoint)
     cfg = config.validate(info.config, f"{args.checkpoint}/manifest.json")
     cfg.runtime.device = args.device
     backend = create_backend(cfg, LOCAL)
     try:
         backend.load(info.path)
-        images = backend.sample(num=args.num, seed=args.seed)
+        if args.interpolate is not None:
+            images = backend.generate(_interpolation_latents(args.rows, args.interpolate, cfg.model.nz, args.seed))
+        else:
+            images = backend.sample(num=args.num, seed=args.seed)
     finally:
         backend.close()
-    if args.separate:
+    if args.interpolate is not None:
+        save_png(make_grid(images, columns=args.interpolate), args.out)
+        print(f"wrote {args.rows} interpolations of {args.interpolate} images each to {args.out}")
+    elif args.separate:
         for index, image in enumerate(images):
             save_png(image, args.out / f"sample-{index:05d}.png")
         print(f"wrote {len(images)} images to {args.out}/")
@@ -175,10 +201,53 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_interpolation(args: argparse.Namespace) -> None:
+    if args.interpolate < 2:
+        raise ConfigError(f"--interpolate must be >= 2 (both ends are drawn), got {args.interpolate}")
+    if args.rows < 1:
+        raise ConfigError(f"--rows must be >= 1, got {args.rows}")
+    if args.separate:
+        raise ConfigError("--interpolate writes one grid; drop --separate")
+
+
+def _interpolation_latents(rows: int, steps: int, nz: int, seed: int):
+    """Row r runs from latent 2r to latent 2r + 1 of latent_noise(2 * rows, nz, seed)."""
+    from pipeline.backends.base import latent_noise
+    from pipeline.latents import slerp
+
+    ends = latent_noise(2 * rows, nz, seed)
+    return slerp(ends[0::2], ends[1::2], steps).reshape(rows * steps, nz)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import EXPORT_FILE, export_generator
+
+    summary = export_generator(args.checkpoint, args.out, args.device)
+    print(f"exported the {summary['framework']} generator of step {summary['step']} to {args.out}:")
+    for name, what in {**summary["files"], EXPORT_FILE: "what goes in and comes out"}.items():
+        print(f"  {name}: {what}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.evaluate import evaluate_checkpoint, print_table
+
+    if args.num_samples is not None and args.num_samples < 10:
+        raise ConfigError(f"--num-samples must be >= 10, got {args.num_samples}")
+    result = evaluate_checkpoint(args.checkpoint, args.num_samples, args.device, args.inception_weights)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert}
+    handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert, "export": _export, "evaluate": _evaluate}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError) as err:

@@ -83,6 +83,13 @@ class ModelSection(_Section):
     sync_batchnorm: bool = Field(
         False, description="BatchNorm statistics over the global batch instead of each rank's slice."
     )
+    g_ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Keep an exponential moving average of G's weights with this decay per step (StyleGAN2 and "
+        "BigGAN do); when set, sampling, evaluation and export use the average. 0 = off.",
+    )
 
 
 class TrainSection(_Section):
@@ -124,6 +131,29 @@ class LoggingSection(_Section):
     num_samples: int = Field(64, gt=0, le=1024, description="Images in the fixed-noise grid.")
 
 
+class EvalSection(_Section):
+    every: int = Field(
+        0, ge=0, description="Measure sample quality every N steps on the chief (each is also a checkpoint step); 0 = off."
+    )
+    num_samples: int = Field(1000, ge=10, description="Generated images per evaluation (and real images at most, per set).")
+    extractor: Literal["auto", "digits", "inception"] = Field(
+        "auto",
+        description="Features for FID and KID: digits = a small classifier trained on the embedded digits (also gives "
+        "mode coverage); inception = InceptionV3 pool features (needs inception_weights); auto = digits for "
+        "data.source=digits, else inception.",
+    )
+    inception_weights: Optional[Path] = Field(
+        None,
+        description="The standard FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth); nothing is downloaded.",
+    )
+    kid_subset_size: int = Field(1000, ge=2, description="KID's subset size (capped at the number of samples).")
+
+    def resolved_extractor(self, source: str) -> str:
+        if self.extractor != "auto":
+            return self.extractor
+        return "digits" if source == "digits" else "inception"
+
+
 class ScalingSection(_Section):
     num_workers: int = Field(1, gt=0, description="Data-parallel ranks (Ray workers); the local runner runs one.")
     use_gpu: bool = Field(False, description="Ray runner: one GPU per worker.")
@@ -163,6 +193,7 @@ class Config(_Section):
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
+    eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
     runtime: RuntimeSection = RuntimeSection()
 
@@ -173,6 +204,24 @@ class Config(_Section):
             raise ValueError(
                 f"train.global_batch_size={batch} is not divisible by scaling.num_workers={workers}; "
                 "every rank must take an equal slice of the global batch"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_has_its_features(self) -> "Config":
+        if self.eval.every == 0:
+            return self
+        extractor = self.eval.resolved_extractor(self.data.source)
+        if extractor == "digits" and self.data.source != "digits":
+            raise ValueError(
+                f"eval.extractor='digits' measures generated digits, but data.source={self.data.source!r}: "
+                "use eval.extractor=inception with eval.inception_weights"
+            )
+        if extractor == "inception" and self.eval.inception_weights is None:
+            raise ValueError(
+                f"eval.every={self.eval.every} with InceptionV3 features needs eval.inception_weights: the path of "
+                "the standard FID weights file (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity / "
+                "pytorch-fid releases); nothing is downloaded at run time"
             )
         return self
 
@@ -332,7 +381,8 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
 def model_mismatch(saved: dict[str, Any], wanted: Config) -> list[str]:
     """Fields that decide tensor shapes and differ between a checkpoint's config and this one."""
     wanted_dict = wanted.to_dict()
-    keys = [("model", k) for k in wanted_dict["model"]] + [("data", "image_size"), ("data", "channels"), ("backend",)]
+    # The EMA copy of G is no shape: a checkpoint without one starts it from G.
+    keys = [("model", k) for k in wanted_dict["model"] if k != "g_ema_decay"] + [("data", "image_size"), ("data", "channels"), ("backend",)]
     diffs = []
     for key in keys:
         old, new = saved, wanted_dict

@@ -8,15 +8,18 @@ which also close a log window so a resumed run logs exactly what an uninterrupte
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+import numpy as np
 
 from pipeline import tensorboard as tb
-from pipeline.backends.base import Backend, NonFiniteError
+from pipeline.backends.base import Backend, NonFiniteError, latent_noise
 from pipeline.checkpoint import CheckpointInfo, CheckpointManager, step_dir_name
 from pipeline.config import Config
 from pipeline.context import RankContext
@@ -24,6 +27,8 @@ from pipeline.data.sharding import DataPosition, EpochSharder
 from pipeline.data.shards import ShardedImages
 from pipeline.images import make_grid
 from pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer.json"
 
@@ -34,6 +39,15 @@ CheckpointHook = Callable[[int, Optional[CheckpointInfo], dict[str, float]], Non
 # Asked on every rank at the same steps: has this rank been told to stop (SIGTERM, a node
 # about to be preempted)? The loop agrees on the answer over all ranks.
 StopCheck = Callable[[], bool]
+
+
+class QualityCheck(Protocol):
+    """Scores a set of generated uint8 images (pipeline.quality.evaluator.Evaluator)."""
+
+    def evaluate(self, images: np.ndarray) -> dict[str, float]: ...
+
+
+EVAL_NOISE_SEED = 2**31 - 1  # the same latents at every evaluation: the curve tracks G, not the draw
 
 
 def no_checkpoint_hook(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
@@ -119,7 +133,10 @@ def run_loop(
     total_steps: Optional[int] = None,
     on_checkpoint: CheckpointHook = no_checkpoint_hook,
     stop_requested: StopCheck = never_stop,
+    quality: Optional[QualityCheck] = None,
 ) -> LoopSummary:
+    """`quality`: on the chief when eval.every is set (None elsewhere); each evaluation step is
+    also a checkpoint step, so the best checkpoint by FID is one that exists."""
     total = cfg.train.steps if total_steps is None else total_steps
     sharder = EpochSharder(
         len(images), cfg.train.global_batch_size, cfg.train.seed, ctx.rank, ctx.world_size, state.position
@@ -135,7 +152,8 @@ def run_loop(
         last = step == total
         # A collective at its own cadence: every rank must learn of a stop at the same step.
         stop = every(step, cfg.checkpoint.stop_check_every) and backend.any_rank(stop_requested())
-        save_now = every(step, cfg.checkpoint.every) or last or stop
+        eval_now = every(step, cfg.eval.every)
+        save_now = every(step, cfg.checkpoint.every) or last or stop or eval_now
         log_now = every(step, cfg.logging.every) or save_now or last
         if log_now:
             summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
@@ -143,9 +161,13 @@ def run_loop(
         if every(step, cfg.logging.samples_every) or last:
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
+            backend.synchronize_replicas()  # BatchNorm statistics agree: what is scored is what is saved
+            scores = _evaluate(cfg, backend, quality, writer, step) if eval_now and quality else {}
             trainer_state = TrainerState(step=step, position=sharder.position_after(state.position, step - state.step))
-            saved = _save(cfg, ctx, backend, checkpoints, trainer_state)
-            on_checkpoint(step, saved, {**summary.last_metrics, "step": step})
+            saved = _save(cfg, ctx, backend, checkpoints, trainer_state, scores)
+            # A checkpoint not evaluated reports a NaN FID: never the best (Ray sorts NaN last).
+            unscored = {tb.TAG_EVAL_FID: float("nan")} if quality else {}
+            on_checkpoint(step, saved, {**summary.last_metrics, **unscored, **scores, "step": step})
             summary.checkpoints += [saved.path] if saved else []
             last_checkpoint_step = step
         if log_now:  # opened after sampling and saving, so step times measure training alone
@@ -185,15 +207,28 @@ def _close_window(
     return values
 
 
+def _evaluate(cfg: Config, backend: Backend, quality: QualityCheck, writer: tb.NullWriter, step: int) -> dict[str, float]:
+    """The eval/* scores of the generator that samples (the EMA one when kept)."""
+    z = latent_noise(cfg.eval.num_samples, cfg.model.nz, EVAL_NOISE_SEED)
+    started = time.perf_counter()
+    scores = quality.evaluate(backend.generate(z))
+    if cfg.model.g_ema_decay:
+        scores[tb.TAG_EVAL_FID_WITHOUT_EMA] = quality.evaluate(backend.generate(z, averaged=False))[tb.TAG_EVAL_FID]
+    writer.scalars(step, scores)
+    log.info("step %d: %s (%.1f s)", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), time.perf_counter() - started)
+    return scores
+
+
 def _save(
     cfg: Config,
     ctx: RankContext,
     backend: Backend,
     checkpoints: CheckpointManager,
     state: TrainerState,
+    scores: Mapping[str, float],
 ) -> Optional[CheckpointInfo]:
-    """All ranks synchronize and check their replicas; the chief alone writes a checkpoint."""
-    backend.synchronize_replicas()
+    """After synchronize_replicas on every rank: the chief alone writes a checkpoint, and
+    records its scores (the best by FID is kept by retention)."""
     if not ctx.is_chief:
         if backend.save_is_collective:  # e.g. MultiWorkerMirroredStrategy: a save every worker joins
             with tempfile.TemporaryDirectory(prefix="dcgan-save-") as scratch:
@@ -205,4 +240,6 @@ def _save(
         state.write(directory)
 
     metadata = {"framework": backend.framework, "world_size": ctx.world_size, "config": cfg.to_dict()}
-    return checkpoints.save(state.step, write_files, metadata)
+    if scores:
+        metadata["scores"] = dict(scores)
+    return checkpoints.save(state.step, write_files, metadata, score=scores.get(tb.TAG_EVAL_FID))

@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline import storage
+from pipeline import tensorboard as tb
 from pipeline.checkpoint import CheckpointInfo, step_dir_name
 from pipeline.config import Config
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
 from pipeline.loop import Preempted
+
+log = logging.getLogger(__name__)
 
 POINTER_FILE = "pointer.json"
 STOP_FILE = "STOP"  # written by a driver on SIGTERM: the ranks checkpoint and return
@@ -97,6 +100,7 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
         # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
         run_dir.delete(RAY_DIR)
     metrics = dict(result.metrics or {})
+    _check_best(job, best_reported(result))
     if run_dir.exists(STOP_FILE):
         run_dir.delete(STOP_FILE)
         step = int(metrics.get("step", 0))
@@ -104,10 +108,26 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     return job.result(metrics)
 
 
+def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
+    """Ray's ranking of this fit's checkpoints and the run's BEST pointer (over every fit of the
+    run) must agree: BEST scores no worse than Ray's best."""
+    if ray_best is None:
+        return
+    from pipeline.checkpoint import CheckpointManager
+
+    step, fid = ray_best
+    manager = CheckpointManager(storage.join(job.run_address, "checkpoints"), None)
+    if fid < manager.best_score():
+        log.warning("Ray ranks step %d best (%s %.6g), but the run's BEST is %s (%.6g)",
+                    step, tb.TAG_EVAL_FID, fid, manager.best_name(), manager.best_score())  # fmt: skip
+    else:
+        log.info("best checkpoint by %s: %s (%.6g)", tb.TAG_EVAL_FID, manager.best_name(), manager.best_score())
+
+
 def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable):
     """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set); Ray's
     experiment directory is <run>/.ray/<fit_name>, one per fit."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     cfg = job.cfg
     if cfg.backend == "tensorflow":
@@ -129,10 +149,32 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
         run_config=RunConfig(
             name=fit_name,
             storage_path=storage.join(job.run_address, RAY_DIR),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),  # pointers; our manager keeps the checkpoints
+            checkpoint_config=checkpoint_config(cfg),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
+
+
+def checkpoint_config(cfg: Config):
+    """Ray keeps the pointers the way our manager keeps the checkpoints: the newest, and with
+    evaluation the best by eval/fid (lower is better; a checkpoint not evaluated reports NaN,
+    which Ray ranks last). The manager's BEST is the same choice (see best_reported_step)."""
+    from ray.train import CheckpointConfig
+
+    if not cfg.eval.every:
+        return CheckpointConfig(num_to_keep=2)
+    return CheckpointConfig(
+        num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=tb.TAG_EVAL_FID, checkpoint_score_order="min"
+    )
+
+
+def best_reported(result) -> Optional[tuple[int, float]]:
+    """(step, eval/fid) of the checkpoint Ray ranks best among those it kept, if any was scored."""
+    scored = [metrics for _, metrics in result.best_checkpoints or [] if math.isfinite(metrics.get(tb.TAG_EVAL_FID, math.nan))]
+    if not scored:
+        return None
+    best = min(scored, key=lambda metrics: metrics[tb.TAG_EVAL_FID])
+    return int(best["step"]), float(best[tb.TAG_EVAL_FID])
 
 
 def _explain(err: Exception, job: Job) -> str:

@@ -53,6 +53,11 @@ class TrainingSession:
             )
         self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id)
         self.backend: Backend = create_backend(cfg, ctx)  # may refuse the devices or the batch split
+        self.quality = None  # the chief alone evaluates; may refuse a missing weights file
+        if cfg.eval.every and ctx.is_chief:
+            from pipeline.quality.evaluator import open_evaluator
+
+            self.quality = open_evaluator(cfg, self.images.directory, self.backend.framework)
         if ctx.is_chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
@@ -80,10 +85,12 @@ class TrainingSession:
     def run(self, total_steps: Optional[int] = None) -> LoopSummary:
         return run_loop(
             self.cfg, self.ctx, self.backend, self.images, self.state, self.checkpoints,
-            self.writer, self.progress, total_steps, self.on_checkpoint, self.stop_requested,
+            self.writer, self.progress, total_steps, self.on_checkpoint, self.stop_requested, self.quality,
         )  # fmt: skip
 
     def close(self) -> None:
+        if self.quality is not None:
+            self.quality.close()
         self.progress.close()
         self.writer.close()
         if self.ctx.is_chief:

@@ -24,6 +24,15 @@ TAG_IMAGES_PER_SEC = "perf/images_per_sec"
 TAG_STEP_TIME_MS = "perf/step_time_ms"
 TAG_SAMPLES = "samples/fixed_noise"
 SCALAR_TAGS = (TAG_LOSS_D, TAG_LOSS_G, TAG_D_REAL, TAG_D_FAKE, TAG_IMAGES_PER_SEC, TAG_STEP_TIME_MS)
+# Sample quality (eval.every): FID and KID against the real set; with the digits classifier
+# also mode coverage (share of the 10 classes hit) and the KL of the class histogram from
+# uniform. With model.g_ema_decay they score the EMA generator, and fid_without_ema G itself.
+TAG_EVAL_FID = "eval/fid"
+TAG_EVAL_KID = "eval/kid"
+TAG_EVAL_COVERAGE = "eval/coverage"
+TAG_EVAL_CLASS_KL = "eval/class_kl"
+TAG_EVAL_FID_WITHOUT_EMA = "eval/fid_without_ema"
+EVAL_TAGS = (TAG_EVAL_FID, TAG_EVAL_KID, TAG_EVAL_COVERAGE, TAG_EVAL_CLASS_KL)
 
 
 class NullWriter:

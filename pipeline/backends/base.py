@@ -19,6 +19,11 @@ def num_resolution_doublings(image_size: int) -> int:
     return int(steps)
 
 
+def latent_noise(num: int, nz: int, seed: int) -> np.ndarray:
+    """`num` latent vectors from `seed`, the same in both frameworks (float32, shape (num, nz))."""
+    return np.random.default_rng(seed).standard_normal((num, nz)).astype(np.float32)
+
+
 class NonFiniteError(RuntimeError):
     """A loss, gradient or state tensor became NaN or infinite; the run stops."""
 
@@ -55,7 +60,11 @@ class Backend(Protocol):
         check every replica identical, raising with the first differing tensor. Collective."""
 
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
-        """uint8 NHWC images from G in inference mode: the fixed noise, or `num` from `seed`."""
+        """uint8 NHWC images from G in inference mode: the fixed noise, or `num` from
+        latent_noise(num, nz, seed)."""
+
+    def generate(self, z: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images from float32 latents of shape (N, nz), in batches; no collective."""
 
     def save(self, directory: Path) -> None:
         """Write the full training state; refuse (NonFiniteError) if any tensor is not finite."""

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Optional
 import keras
 import numpy as np
 
-from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
+from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.devices import describe, make_strategy, use_devices
@@ -65,6 +65,11 @@ class TFBackend:
             sync = model.sync_batchnorm  # statistics over all replicas of the global batch
             self.netG = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
             self.netD = build_discriminator(model.ndf, data.channels, data.image_size, seed + 1000, sync)
+            # G's exponential moving average (model.g_ema_decay), BatchNorm statistics included.
+            self.netG_ema = None
+            if model.g_ema_decay:
+                self.netG_ema = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
+                self.netG_ema.set_weights(self.netG.get_weights())
             self.optG, self.optD = _adam(cfg), _adam(cfg)
             self.optG.build(self.netG.trainable_variables)  # slots inside the scope (docs/ARCHITECTURE.md, traps)
             self.optD.build(self.netD.trainable_variables)
@@ -72,10 +77,12 @@ class TFBackend:
                 (cfg.logging.num_samples, model.nz)
             )
             self.fixed_noise = tf.Variable(fixed.astype(np.float32), trainable=False, name="fixed_noise")
-        self.state = tf.train.Checkpoint(
+        tracked = dict(
             generator=self.netG, discriminator=self.netD, optimizer_g=self.optG, optimizer_d=self.optD,
             fixed_noise=self.fixed_noise,
         )  # fmt: skip
+        self.state = tf.train.Checkpoint(**tracked, **({"generator_ema": self.netG_ema} if self.netG_ema else {}))
+        self.state_without_average = tf.train.Checkpoint(**tracked)  # reads checkpoints that kept none
         self._step = tf.function(self._distributed_step)
 
     # --- data ----------------------------------------------------------------------------
@@ -142,6 +149,10 @@ class TFBackend:
 
     def _distributed_step(self, images: Any, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(self._replica_step, args=(images, seed))
+        if self.netG_ema is not None:  # in cross-replica context: every copy gets the same value
+            decay = self.cfg.model.g_ema_decay
+            for average, value in zip(self.netG_ema.weights, self.netG.weights):
+                average.assign(decay * average + (1.0 - decay) * value)
         return {name: self.strategy.reduce("SUM", value, axis=None) for name, value in per_replica.items()}
 
     def train_step(self, batch: Any, step: int) -> Mapping[str, Any]:
@@ -172,7 +183,8 @@ class TFBackend:
         def local_copy(variable) -> tf.Tensor:  # inside strategy.run: this replica's own copy
             return tf.identity(variable.value if isinstance(variable, keras.Variable) else variable)
 
-        for variable in self.netG.non_trainable_weights + self.netD.non_trainable_weights:
+        averaged = self.netG_ema.non_trainable_weights if self.netG_ema is not None else []
+        for variable in self.netG.non_trainable_weights + self.netD.non_trainable_weights + averaged:
             local = self.strategy.run(local_copy, args=(variable,))
             variable.assign(self.strategy.reduce("MEAN", local, axis=None))
 
@@ -188,18 +200,29 @@ class TFBackend:
                     f"data-parallel replicas differ before a checkpoint: first differing tensor {name}"
                 )
 
+    @property
+    def sampling_net(self) -> keras.Model:
+        """The generator that sample(), evaluation and export use: the EMA one when kept."""
+        return self.netG_ema if self.netG_ema is not None else self.netG
+
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
         if num is None and seed is None:
-            z = self.fixed_noise
-        else:
-            z = np.random.default_rng(seed or 0).standard_normal((num or 64, self.cfg.model.nz)).astype(np.float32)
-        images = self.netG(z, training=False)
-        return np.round((np.clip(images.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+            return self.generate(self.fixed_noise.numpy())
+        return self.generate(latent_noise(num or len(self.fixed_noise.numpy()), self.cfg.model.nz, seed or 0))
+
+    def generate(self, z: np.ndarray, batch_size: int = 256, averaged: bool = True) -> np.ndarray:
+        net = self.sampling_net if averaged else self.netG
+        chunks = []
+        for start in range(0, len(z), batch_size):
+            images = net(np.asarray(z[start : start + batch_size], dtype=np.float32), training=False)
+            chunks.append(np.round((np.clip(images.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8))
+        return np.concatenate(chunks)
 
     # --- state ---------------------------------------------------------------------------
 
     def _variables(self) -> list[tuple[str, Any]]:
         named = [(f"generator/{v.path}", v) for v in self.netG.weights]
+        named += [(f"generator_ema/{i}", v) for i, v in enumerate(self.netG_ema.weights if self.netG_ema else [])]
         named += [(f"discriminator/{v.path}", v) for v in self.netD.weights]
         # Optimizer variable paths carry per-instance counters (adam_1, adam_3): index them.
         named += [(f"optimizer_g/{i}", v) for i, v in enumerate(self.optG.variables)]
@@ -214,7 +237,14 @@ class TFBackend:
         self.state.write(str(Path(directory) / STATE_PREFIX))
 
     def load(self, directory: Path) -> None:
-        self.state.read(str(Path(directory) / STATE_PREFIX)).assert_existing_objects_matched().expect_partial()
+        prefix = str(Path(directory) / STATE_PREFIX)
+        saved_average = any(name.startswith("generator_ema/") for name, _ in tf.train.list_variables(prefix))
+        if self.netG_ema is None or saved_average:
+            self.state.read(prefix).assert_existing_objects_matched().expect_partial()
+            return
+        # A checkpoint without an average (EMA switched on later): the average starts from G.
+        self.state_without_average.read(prefix).assert_existing_objects_matched().expect_partial()
+        self.netG_ema.set_weights(self.netG.get_weights())
 
     def export_weights(self) -> dict[str, np.ndarray]:
         return {**weights.to_neutral(self.netG), **weights.to_neutral(self.netD), "fixed_noise": self.fixed_noise.numpy()}

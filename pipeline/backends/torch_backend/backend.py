@@ -10,8 +10,9 @@ from typing import Any, Iterator, Mapping, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.backends.base import NonFiniteError, ReplicaMismatchError
+from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
 from pipeline.backends.torch_backend import distributed, weights
 from pipeline.backends.torch_backend.device import make_deterministic, pick_device
 from pipeline.backends.torch_backend.feed import to_device, to_uint8_images
@@ -22,6 +23,7 @@ from pipeline.data.sharding import EpochSharder
 from pipeline.data.shards import ShardedImages
 
 GENERATOR_FILE = "generator.pt"  # a plain state dict: loads as --netG of the canonical example
+GENERATOR_EMA_FILE = "generator_ema.pt"  # the same layout: loads as --netG too
 DISCRIMINATOR_FILE = "discriminator.pt"
 OPTIMIZERS_FILE = "optimizers.pt"
 RNG_FILE = "rng.pt"
@@ -58,6 +60,11 @@ class TorchBackend:
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
         )
+        # G's exponential moving average (model.g_ema_decay), BatchNorm statistics included as
+        # in StyleGAN2; every rank keeps the same one, as every rank's G is the same.
+        self.netG_ema = None
+        if model.g_ema_decay:
+            self.netG_ema = AveragedModel(self.netG, multi_avg_fn=get_ema_multi_avg_fn(model.g_ema_decay), use_buffers=True)
         self.bce = nn.BCEWithLogitsLoss()
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
@@ -119,6 +126,8 @@ class TorchBackend:
         finally:
             self.netD.requires_grad_(True)
         self.scaler.update(None if self.cfg.train.amp else 1.0)
+        if self.netG_ema is not None:
+            self.netG_ema.update_parameters(self.netG)
         return {
             "loss/d": loss_d.detach().float(),
             "loss/g": loss_g.detach().float(),
@@ -139,7 +148,8 @@ class TorchBackend:
 
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over ranks, then prove every replica identical."""
-        distributed.synchronize_buffers((self.netG, self.netD), self.ctx.world_size)
+        averaged = (self.netG_ema.module,) if self.netG_ema is not None else ()  # its BatchNorm statistics too
+        distributed.synchronize_buffers((self.netG, self.netD, *averaged), self.ctx.world_size)
         shared = {k: v for k, v in self._payload().items() if k != RNG_FILE}  # RNG is per rank
         mismatch = distributed.first_mismatch(list(_tensors(shared)), self.ctx.world_size)
         if mismatch is not None:
@@ -147,26 +157,38 @@ class TorchBackend:
                 f"data-parallel replicas differ before a checkpoint: first differing tensor {mismatch}"
             )
 
-    @torch.no_grad()
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The generator that sample(), evaluation and export use: the EMA one when kept."""
+        return self.netG_ema.module if self.netG_ema is not None else self.netG
+
     def sample(self, num: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
         if num is None and seed is None:
-            z = self.fixed_noise
-        else:
-            generator = torch.Generator().manual_seed(seed or 0)
-            z = torch.randn(num or len(self.fixed_noise), self.cfg.model.nz, 1, 1, generator=generator, dtype=self.dtype)
-        was_training = self.netG.training
-        self.netG.eval()  # running BatchNorm statistics: sampling must not change the state
+            return self.generate(self.fixed_noise.detach().cpu().numpy().reshape(len(self.fixed_noise), -1))
+        return self.generate(latent_noise(num or len(self.fixed_noise), self.cfg.model.nz, seed or 0))
+
+    @torch.no_grad()
+    def generate(self, z: np.ndarray, batch_size: int = 256, averaged: bool = True) -> np.ndarray:
+        net = self.sampling_net if averaged else self.netG
+        was_training = net.training
+        net.eval()  # running BatchNorm statistics: sampling must not change the state
         try:
-            images = self.netG(z.to(self.device))
+            chunks = []
+            for start in range(0, len(z), batch_size):
+                latent = torch.from_numpy(np.asarray(z[start : start + batch_size], dtype=np.float32))
+                latent = latent.view(len(latent), -1, 1, 1).to(self.device, self.dtype)
+                chunks.append(to_uint8_images(net(latent)))
         finally:
-            self.netG.train(was_training)
-        return to_uint8_images(images)
+            net.train(was_training)
+        return np.concatenate(chunks)
 
     # --- state ---------------------------------------------------------------------------
 
     def _payload(self) -> dict[str, dict[str, Any]]:
+        ema = {GENERATOR_EMA_FILE: self.netG_ema.module.state_dict()} if self.netG_ema is not None else {}
         return {
             GENERATOR_FILE: self.netG.state_dict(),
+            **ema,
             DISCRIMINATOR_FILE: self.netD.state_dict(),
             OPTIMIZERS_FILE: {
                 "generator": self.optG.state_dict(),
@@ -195,6 +217,8 @@ class TorchBackend:
             return torch.load(directory / filename, map_location=self.device, weights_only=True)
 
         self.netG.load_state_dict(read(GENERATOR_FILE))
+        if self.netG_ema is not None:
+            self._load_average(directory)
         self.netD.load_state_dict(read(DISCRIMINATOR_FILE))
         optimizers = read(OPTIMIZERS_FILE)
         self.optG.load_state_dict(optimizers["generator"])
@@ -206,6 +230,15 @@ class TorchBackend:
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.fixed_noise = rng["fixed_noise"].to(self.device)
+
+    def _load_average(self, directory: Path) -> None:
+        """The saved average, or G itself when the checkpoint kept none (EMA switched on later)."""
+        path = directory / GENERATOR_EMA_FILE
+        if path.is_file():
+            self.netG_ema.module.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        else:
+            self.netG_ema.module.load_state_dict(self.netG.state_dict())
+        self.netG_ema.n_averaged.fill_(1)  # started: the next update averages instead of copying
 
     def export_weights(self) -> dict[str, np.ndarray]:
         arrays = weights.to_neutral(self.netG, self.netD)

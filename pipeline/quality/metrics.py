@@ -1,0 +1,81 @@
+"""The numbers: FID and KID by torchmetrics over precomputed features, and mode coverage.
+
+torchmetrics' FID and KID take a feature extractor module. Ours run once per image set and
+their features are cached (the real set's beside the shards), so the metrics get a
+pass-through module and the features themselves.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+# A class counts as covered when at least this share of its fair 1/num_classes of the samples
+# is predicted as it with confidence: a few stray samples do not make a collapsed G diverse.
+COVERAGE_MIN_SHARE = 0.1
+CONFIDENT = 0.9
+
+
+class PassThrough(nn.Module):
+    """A "feature extractor" for features computed beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+# The chief scores alone: torchmetrics would otherwise all-gather its states over the training
+# process group at compute(), which the other ranks never join.
+LOCAL_ONLY = dict(sync_on_compute=False)
+
+
+def _as_double(features: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float64))
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two (N, D) feature sets."""
+    metric = FrechetInceptionDistance(feature=PassThrough(real.shape[1]), **LOCAL_ONLY).double()
+    metric.update(_as_double(real), real=True)
+    metric.update(_as_double(fake), real=False)
+    return float(metric.compute())
+
+
+def kernel_distance(real: np.ndarray, fake: np.ndarray, subset_size: int, seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std over subsets) between two (N, D) feature sets; subsets drawn from `seed`."""
+    size = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():  # "will save all extracted features": that is what KID needs
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=PassThrough(real.shape[1]), subset_size=size, **LOCAL_ONLY)
+    metric.update(_as_double(real), real=True)
+    metric.update(_as_double(fake), real=False)
+    with torch.random.fork_rng():  # KID draws its subsets from the global generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def mode_coverage(probabilities: np.ndarray) -> float:
+    """Share of the classes that confident predictions hit (stacked-MNIST's "modes covered")."""
+    samples, classes = probabilities.shape
+    confident = probabilities.max(axis=1) >= CONFIDENT
+    counts = np.bincount(probabilities.argmax(axis=1)[confident], minlength=classes)
+    needed = max(1.0, COVERAGE_MIN_SHARE * samples / classes)
+    return float((counts >= needed).sum() / classes)
+
+
+def class_kl(probabilities: np.ndarray) -> float:
+    """KL divergence of the predicted-class histogram from uniform: 0 when every class is
+    equally frequent, log(num_classes) when one class takes everything."""
+    samples, classes = probabilities.shape
+    share = np.bincount(probabilities.argmax(axis=1), minlength=classes) / samples
+    hit = share > 0
+    return float(np.sum(share[hit] * np.log(share[hit] * classes)))
