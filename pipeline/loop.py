@@ -225,7 +225,7 @@ def _save(
     backend: Backend,
     checkpoints: CheckpointManager,
     state: TrainerState,
-    scores: Mapping[str, float],
+    scores: Optional[Mapping[str, float]] = None,
 ) -> Optional[CheckpointInfo]:
     """After synchronize_replicas on every rank: the chief alone writes a checkpoint, and
     records its scores (the best by FID is kept by retention)."""
@@ -242,4 +242,4 @@ def _save(
     metadata = {"framework": backend.framework, "world_size": ctx.world_size, "config": cfg.to_dict()}
     if scores:
         metadata["scores"] = dict(scores)
-    return checkpoints.save(state.step, write_files, metadata, score=scores.get(tb.TAG_EVAL_FID))
+    return checkpoints.save(state.step, write_files, metadata, score=(scores or {}).get(tb.TAG_EVAL_FID))

@@ -55,7 +55,7 @@ class TrainingSession:
         self.backend: Backend = create_backend(cfg, ctx)  # may refuse the devices or the batch split
         self.quality = None  # the chief alone evaluates; may refuse a missing weights file
         if cfg.eval.every and ctx.is_chief:
-            from pipeline.quality.evaluator import open_evaluator
+            from pipeline.quality import open_evaluator
 
             self.quality = open_evaluator(cfg, self.images.directory, self.backend.framework)
         if ctx.is_chief:

@@ -26,6 +26,7 @@ import pytest
 
 from pipeline import config
 from pipeline.checkpoint import (
+    BEST,
     FORMAT,
     LATEST,
     MANIFEST,
@@ -629,3 +630,23 @@ def test_torch_payload_round_trip(tmp_path: Path, ckdir: Path):
     torch.set_rng_state(torch.load(final / "rng.pt", weights_only=True)["torch_cpu"])
     fresh.train_step(batch, 3)
     assert fresh.fingerprint() == backend.fingerprint()
+
+
+def test_the_best_scored_checkpoint_survives_retention(ckdir: Path, tiny_cfg: config.Config):
+    manager = CheckpointManager(ckdir, keep=2)
+    scores = {10: 9.0, 20: 3.0, 30: None, 40: 5.0, 50: float("nan"), 60: 4.0}  # None, NaN: not evaluated
+    for step, score in scores.items():
+        manager.save(step, payload(files_for(step)), metadata(tiny_cfg), score=score)
+        if step == 20:
+            assert manager.best_name() == "step-00000020"
+    assert (ckdir / BEST).read_text().strip() == "step-00000020" and manager.best_score() == 3.0
+    assert step_dirs(ckdir) == ["step-00000020", "step-00000050", "step-00000060"]  # newest two + the best
+    assert json.loads((ckdir / "step-00000050" / "manifest.json").read_text())["score"] is None
+
+    manager.save(70, payload(files_for(70)), metadata(tiny_cfg), score=2.5)  # a better one takes over...
+    assert manager.best_name() == "step-00000070"
+    assert step_dirs(ckdir) == ["step-00000060", "step-00000070"]  # ...and the old best is ordinary again
+
+    # An explicit resume of an older step abandons the newer line, and with it its best.
+    manager.set_aside_after(60)
+    assert manager.best_name() is None and manager.best_score() == float("inf")

@@ -163,3 +163,34 @@ def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_nam
     assert f"node {socket.gethostname()} (" in message and f"does not see {cfg.run_dir}/.storage-check/" in message
     assert "is not shared storage" in message and "s3://" in message
     assert not list((cfg.run_dir / "checkpoints").glob("step-*"))  # nothing trained onto one node's disk
+
+
+def test_ray_ranks_checkpoints_by_fid_and_the_best_survives_retention(tmp_path: Path, caplog):
+    from pipeline import tensorboard as tb
+    from tests.helpers import read_scalars
+
+    cfg = ray_config(
+        tmp_path, "quality",
+        data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
+        model={"nz": 32, "ngf": 16, "ndf": 16, "g_ema_decay": 0.9},
+        train={"steps": 40, "global_batch_size": 32, "lr": 1e-3},
+        checkpoint={"every": 1000, "keep": 2},
+        logging={"every": 10, "samples_every": 1000},
+        eval={"every": 10, "num_samples": 200},
+    )  # fmt: skip
+    checkpoint_config = ray_runner.checkpoint_config(cfg)
+    assert (checkpoint_config.checkpoint_score_attribute, checkpoint_config.checkpoint_score_order) == ("eval/fid", "min")
+
+    with caplog.at_level("INFO", logger="pipeline.ray_runner"):
+        metrics = ray_runner.run(plan(cfg))
+    assert metrics["step"] == 40 and metrics[tb.TAG_EVAL_FID] > 0
+
+    fid = read_scalars(cfg.run_dir / "tb")[tb.TAG_EVAL_FID]
+    assert sorted(fid) == [10, 20, 30, 40]
+    best_step = min(fid, key=fid.get)
+    best = f"step-{best_step:08d}"
+    checkpoints = cfg.run_dir / "checkpoints"
+    assert (checkpoints / "BEST").read_text().strip() == best
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == sorted({"step-00000030", "step-00000040", best})
+    # Ray's own ranking of the reported pointers chose the same checkpoint.
+    assert f"best checkpoint by eval/fid: {best}" in caplog.text and "Ray ranks" not in caplog.text

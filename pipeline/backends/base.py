@@ -24,6 +24,13 @@ def latent_noise(num: int, nz: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((num, nz)).astype(np.float32)
 
 
+def warmed_up_decay(decay: float, step: int) -> float:
+    """The EMA decay of G's average at `step` (from 1): min(decay, (1 + step) / (10 + step)), as
+    TensorFlow's ExponentialMovingAverage warms up, so that early on the average follows G
+    instead of holding on to its random initialization."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 class NonFiniteError(RuntimeError):
     """A loss, gradient or state tensor became NaN or infinite; the run stops."""
 

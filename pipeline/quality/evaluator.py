@@ -68,11 +68,3 @@ class Evaluator:
     def close(self) -> None:
         pass
 
-
-def open_evaluator(cfg: Config, prepared_dir: Path, framework: str):
-    """An Evaluator here for torch; in a torch process of its own for TensorFlow."""
-    if framework == "torch":
-        return Evaluator(cfg, prepared_dir)
-    from pipeline.quality.remote import EvaluatorProcess
-
-    return EvaluatorProcess(cfg, prepared_dir)

@@ -19,6 +19,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 # is predicted as it with confidence: a few stray samples do not make a collapsed G diverse.
 COVERAGE_MIN_SHARE = 0.1
 CONFIDENT = 0.9
+# KID averages over random subsets; 25 (torchmetrics: 100) keeps an evaluation of 1,000 samples
+# at about a second on 2 CPU cores, with a standard deviation reported beside the mean.
+KID_SUBSETS = 25
 
 
 class PassThrough(nn.Module):
@@ -54,7 +57,7 @@ def kernel_distance(real: np.ndarray, fake: np.ndarray, subset_size: int, seed: 
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features": that is what KID needs
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=PassThrough(real.shape[1]), subset_size=size, **LOCAL_ONLY)
+        metric = KernelInceptionDistance(feature=PassThrough(real.shape[1]), subsets=KID_SUBSETS, subset_size=size, **LOCAL_ONLY)
     metric.update(_as_double(real), real=True)
     metric.update(_as_double(fake), real=False)
     with torch.random.fork_rng():  # KID draws its subsets from the global generator

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Optional
 import keras
 import numpy as np
 
-from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
+from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise, warmed_up_decay
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.devices import describe, make_strategy, use_devices
@@ -147,17 +147,17 @@ class TFBackend:
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
         return 1.0 - tf.cast(finite, tf.float32)
 
-    def _distributed_step(self, images: Any, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _distributed_step(self, images: Any, seed: tf.Tensor, decay: tf.Tensor) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(self._replica_step, args=(images, seed))
         if self.netG_ema is not None:  # in cross-replica context: every copy gets the same value
-            decay = self.cfg.model.g_ema_decay
             for average, value in zip(self.netG_ema.weights, self.netG.weights):
                 average.assign(decay * average + (1.0 - decay) * value)
         return {name: self.strategy.reduce("SUM", value, axis=None) for name, value in per_replica.items()}
 
     def train_step(self, batch: Any, step: int) -> Mapping[str, Any]:
         seed = tf.constant([self.ctx.step_noise_seed(self.cfg.train.seed, step) % 2**31, 0], tf.int32)
-        return self._step(batch, seed)
+        decay = warmed_up_decay(self.cfg.model.g_ema_decay, step)
+        return self._step(batch, seed, tf.constant(decay, tf.float32))
 
     def to_host(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Already reduced over every replica of every worker inside the step."""

@@ -10,10 +10,10 @@ from typing import Any, Iterator, Mapping, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
 from pipeline.backends.torch_backend import distributed, weights
+from pipeline.backends.torch_backend.average import GeneratorAverage
 from pipeline.backends.torch_backend.device import make_deterministic, pick_device
 from pipeline.backends.torch_backend.feed import to_device, to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
@@ -60,11 +60,9 @@ class TorchBackend:
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
         )
-        # G's exponential moving average (model.g_ema_decay), BatchNorm statistics included as
-        # in StyleGAN2; every rank keeps the same one, as every rank's G is the same.
-        self.netG_ema = None
-        if model.g_ema_decay:
-            self.netG_ema = AveragedModel(self.netG, multi_avg_fn=get_ema_multi_avg_fn(model.g_ema_decay), use_buffers=True)
+        # Every rank keeps the same average, as every rank's G is the same (BatchNorm statistics
+        # are made to agree at checkpoints, as G's are).
+        self.netG_ema = GeneratorAverage(self.netG, model.g_ema_decay) if model.g_ema_decay else None
         self.bce = nn.BCEWithLogitsLoss()
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
@@ -127,7 +125,7 @@ class TorchBackend:
             self.netD.requires_grad_(True)
         self.scaler.update(None if self.cfg.train.amp else 1.0)
         if self.netG_ema is not None:
-            self.netG_ema.update_parameters(self.netG)
+            self.netG_ema.update(self.netG, step)
         return {
             "loss/d": loss_d.detach().float(),
             "loss/g": loss_g.detach().float(),
@@ -238,7 +236,6 @@ class TorchBackend:
             self.netG_ema.module.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         else:
             self.netG_ema.module.load_state_dict(self.netG.state_dict())
-        self.netG_ema.n_averaged.fill_(1)  # started: the next update averages instead of copying
 
     def export_weights(self) -> dict[str, np.ndarray]:
         arrays = weights.to_neutral(self.netG, self.netD)

@@ -1,0 +1,131 @@
+"""The quality target: each backend's digits config, trained for at most 10 minutes on this
+machine, must cover all 10 digit classes with a digits-FID at most 5x the FID between two
+disjoint halves of the real digits.
+
+For each config the run is `dcgan train` as a user starts it, stopped (SIGTERM: it checkpoints
+and exits) if it is still going at the budget. Its curves come back from its own TensorBoard
+events: eval/fid (of the EMA generator), eval/fid_without_ema (of G itself), eval/coverage and
+eval/kid, each with the seconds since the command started. The reference FID is computed here,
+with the same extractor and the same features of the real set.
+
+    .venv/bin/python bench/quality.py [--backends torch tensorflow] [--budget-s 600]
+                                      [--out runs/bench/quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# TensorBoard's reader imports TensorFlow when it is installed; this process runs torch.
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+FID_FACTOR = 5.0  # target: FID <= 5x the FID of the two real halves
+CURVE_TAGS = ("eval/fid", "eval/fid_without_ema", "eval/coverage", "eval/kid", "eval/class_kl")
+
+
+def reference_fid(cfg) -> dict[str, Any]:
+    """FID between the even and odd halves of the real digits (disjoint, about 900 each)."""
+    import numpy as np
+
+    from pipeline.data import ensure_prepared, local_prepared_dir
+    from pipeline.data.shards import ShardedImages
+    from pipeline.quality import metrics
+    from pipeline.quality.evaluator import Evaluator
+
+    ensure_prepared(cfg.data)
+    evaluator = Evaluator(cfg, local_prepared_dir(cfg.data))
+    images = ShardedImages(local_prepared_dir(cfg.data))
+    real = images.gather(np.arange(len(images)))
+    even, _ = evaluator.extractor.embed(real[0::2])
+    odd, _ = evaluator.extractor.embed(real[1::2])
+    return {"fid_two_real_halves": metrics.frechet_distance(even, odd), "half_size": len(odd),
+            "extractor": evaluator.extractor.name}  # fmt: skip
+
+
+def train(config_path: Path, runs: Path, budget_s: float) -> dict[str, Any]:
+    """`dcgan train`, SIGTERMed at the budget; returns the wall time and how it ended."""
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path), "--fresh",
+               "--set", f"run.dir={runs}"]  # fmt: skip
+    log = (runs / f"{config_path.stem}.log").open("w")
+    started = time.time()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        code = process.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # it checkpoints at the next step boundary and exits 143
+        code = process.wait()
+    return {"started": started, "seconds": round(time.time() - started, 1), "exit_code": code}
+
+
+def curves(tb_dir: Path, started: float) -> list[dict[str, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    points: dict[int, dict[str, float]] = {}
+    for tag in CURVE_TAGS:
+        if tag not in accumulator.Tags()["scalars"]:
+            continue
+        for event in accumulator.Scalars(tag):
+            point = points.setdefault(event.step, {"step": event.step, "seconds": round(event.wall_time - started, 1)})
+            point[tag] = round(event.value, 4)
+    return [points[step] for step in sorted(points)]
+
+
+def judge(curve: list[dict[str, float]], fid_limit: float, budget_s: float) -> dict[str, Any]:
+    """The first evaluation within the budget that meets both targets, and the best one."""
+    within = [p for p in curve if p["seconds"] <= budget_s]
+    met = [p for p in within if p["eval/coverage"] == 1.0 and p["eval/fid"] <= fid_limit]
+    best = min(within, key=lambda p: p["eval/fid"]) if within else None
+    return {"target_met": bool(met), "first_met": met[0] if met else None, "best": best,
+            "last": within[-1] if within else None}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow"], choices=["torch", "tensorflow"])
+    parser.add_argument("--budget-s", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/quality.json"))
+    args = parser.parse_args()
+    from pipeline import config
+
+    runs = (ROOT / "runs" / "bench-quality").resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    names = {"torch": "digits-torch", "tensorflow": "digits-tf"}
+    reference = reference_fid(config.load(ROOT / "configs" / "digits-torch.yaml"))
+    fid_limit = FID_FACTOR * reference["fid_two_real_halves"]
+    print(f"reference: FID of two real halves ({reference['half_size']} images each) "
+          f"{reference['fid_two_real_halves']:.3f}; target FID <= {fid_limit:.3f} with all 10 classes covered")  # fmt: skip
+    result: dict[str, Any] = {"reference": reference, "fid_limit": fid_limit, "budget_s": args.budget_s, "runs": {}}
+    for backend in args.backends:
+        config_path = ROOT / "configs" / f"{names[backend]}.yaml"
+        cfg = config.load(config_path)
+        ran = train(config_path, runs, args.budget_s)
+        curve = curves(runs / cfg.run.name / "tb", ran.pop("started"))
+        verdict = judge(curve, fid_limit, args.budget_s)
+        result["runs"][backend] = {"config": str(config_path.relative_to(ROOT)), **ran, **verdict, "curve": curve}
+        print(f"\n{backend} ({config_path.name}): {ran['seconds']} s, exit {ran['exit_code']}")
+        print(f"{'step':>6} {'s':>6} {'fid':>9} {'fid(G)':>9} {'coverage':>8} {'kid':>9}")
+        for p in curve:
+            print(f"{p['step']:>6} {p['seconds']:>6} {p.get('eval/fid', float('nan')):>9.3f} "
+                  f"{p.get('eval/fid_without_ema', float('nan')):>9.3f} {p.get('eval/coverage', float('nan')):>8.2f} "
+                  f"{p.get('eval/kid', float('nan')):>9.2f}")  # fmt: skip
+        met = verdict["first_met"]
+        print(f"target met: {verdict['target_met']}" + (f" at step {met['step']} after {met['seconds']} s" if met else ""))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

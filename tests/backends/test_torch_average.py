@@ -1,0 +1,67 @@
+"""G's moving average in the torch backend: its arithmetic, its checkpoint, what samples from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backends.base import warmed_up_decay
+from pipeline.backends.torch_backend import TorchBackend
+from pipeline.backends.torch_backend.backend import GENERATOR_EMA_FILE
+from pipeline.context import LOCAL
+from tests.conftest import small_config
+
+DECAY = 0.9
+
+
+def batch(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(16, 32, 32, 1), dtype=np.uint8)
+
+
+def floats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def test_the_average_follows_the_warmed_up_recurrence(tmp_path: Path):
+    backend = TorchBackend(small_config(tmp_path, model={"g_ema_decay": DECAY}), LOCAL)
+    expected = floats(backend.netG)  # the average starts as G
+    for step in range(1, 6):
+        backend.train_step(batch(step), step)
+        decay = warmed_up_decay(DECAY, step)
+        current = floats(backend.netG)
+        expected = {k: decay * expected[k] + (1 - decay) * current[k] for k in expected}
+    averaged = floats(backend.netG_ema.module)
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(averaged["main.0.weight"], backend.netG.state_dict()["main.0.weight"])
+    assert warmed_up_decay(0.999, 1) == pytest.approx(2 / 11) and warmed_up_decay(0.999, 10**6) == 0.999
+
+
+def test_sampling_uses_the_average_and_a_checkpoint_keeps_it(tmp_path: Path):
+    cfg = small_config(tmp_path, model={"g_ema_decay": DECAY})
+    backend = TorchBackend(cfg, LOCAL)
+    for step in range(1, 4):
+        backend.train_step(batch(step), step)
+    assert backend.sampling_net is backend.netG_ema.module
+    z = np.random.default_rng(0).standard_normal((8, cfg.model.nz)).astype(np.float32)
+    assert not np.array_equal(backend.generate(z), backend.generate(z, averaged=False))
+
+    backend.save(tmp_path)
+    fresh = TorchBackend(cfg, LOCAL)
+    fresh.load(tmp_path)
+    assert fresh.fingerprint() == backend.fingerprint()
+    assert np.array_equal(fresh.generate(z), backend.generate(z))
+
+    # A checkpoint written without an average (EMA switched on later): it starts from G.
+    (tmp_path / GENERATOR_EMA_FILE).unlink()
+    fresh.load(tmp_path)
+    assert np.array_equal(fresh.generate(z), backend.generate(z, averaged=False))
+
+
+def test_without_a_decay_there_is_no_average(tmp_path: Path):
+    backend = TorchBackend(small_config(tmp_path), LOCAL)
+    backend.save(tmp_path)
+    assert backend.sampling_net is backend.netG and not (tmp_path / GENERATOR_EMA_FILE).exists()

@@ -1,0 +1,91 @@
+"""Evaluation during training (local runner): eval/* scalars, the BEST checkpoint kept by
+retention, and `dcgan evaluate` reproducing the run's numbers from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline import tensorboard as tb
+from tests.conftest import small_config
+from tests.helpers import dcgan, read_scalars, write_config
+
+pytestmark = pytest.mark.integration
+
+EVAL_EVERY, STEPS = 10, 40
+
+
+def eval_config(tmp_path: Path, **sections):
+    """Digits (the classifier judges them) with a small, fast net; evaluated every 10 steps,
+    only the newest 2 checkpoints kept by retention."""
+    return small_config(
+        tmp_path,
+        data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
+        model={"nz": 32, "ngf": 16, "ndf": 16, "g_ema_decay": 0.9},
+        train={"steps": STEPS, "global_batch_size": 32, "lr": 1e-3},
+        checkpoint={"every": 1000, "keep": 2},
+        logging={"every": 10, "samples_every": 1000},
+        eval={"every": EVAL_EVERY, "num_samples": 200},
+        **sections,
+    )
+
+
+def checkpoint_scores(checkpoints: Path) -> dict[int, float]:
+    scores = {}
+    for manifest in checkpoints.glob("step-*/manifest.json"):
+        content = json.loads(manifest.read_text())
+        scores[content["step"]] = content["scores"][tb.TAG_EVAL_FID]
+    return scores
+
+
+def check_best_survived(checkpoints: Path, logged_fid: dict[int, float]) -> str:
+    """BEST names the lowest logged FID; that checkpoint exists even where retention (keep 2)
+    would have deleted it. Returns its directory name."""
+    best_step = min(logged_fid, key=logged_fid.get)
+    best = (checkpoints / "BEST").read_text().strip()
+    assert best == f"step-{best_step:08d}", (best, logged_fid)
+    assert (checkpoints / best / "manifest.json").is_file()
+    kept = sorted(p.name for p in checkpoints.glob("step-*"))
+    newest = [f"step-{s:08d}" for s in (STEPS - EVAL_EVERY, STEPS)]
+    assert kept == sorted(set(newest) | {best}), kept
+    return best
+
+
+def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(tmp_path: Path):
+    cfg = eval_config(tmp_path)
+    done = dcgan("train", "--config", write_config(tmp_path / "eval.yaml", cfg), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    scalars = read_scalars(cfg.run_dir / "tb")
+    steps = list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    for tag in (*tb.EVAL_TAGS, tb.TAG_EVAL_FID_WITHOUT_EMA):
+        assert sorted(scalars[tag]) == steps, tag
+        assert all(math.isfinite(v) for v in scalars[tag].values()), tag
+    assert all(0 <= v <= 1 for v in scalars[tb.TAG_EVAL_COVERAGE].values())
+
+    checkpoints = cfg.run_dir / "checkpoints"
+    fid = scalars[tb.TAG_EVAL_FID]
+    best = check_best_survived(checkpoints, fid)
+    # The manifests record what was logged: float32 event values against the exact scores.
+    for step, score in checkpoint_scores(checkpoints).items():
+        assert score == pytest.approx(fid[step], rel=1e-6)
+
+    # The command evaluates the checkpoint in a process of its framework and scores it the same way.
+    done = dcgan("evaluate", "--checkpoint", checkpoints / best, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["step"] == int(best[5:]) and result["framework"] == "torch" and result["generator"] == "ema"
+    recorded = json.loads((checkpoints / best / "manifest.json").read_text())["scores"]
+    for tag, value in recorded.items():
+        assert result["metrics"][tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+
+    table = dcgan("evaluate", "--checkpoint", checkpoints / best, cwd=tmp_path)
+    assert table.returncode == 0 and "eval/coverage" in table.stdout
+
+
+def test_evaluate_refuses_a_missing_checkpoint_by_name(tmp_path: Path):
+    done = dcgan("evaluate", "--checkpoint", tmp_path / "nowhere", cwd=tmp_path)
+    assert done.returncode == 2 and "nowhere" in done.stderr
