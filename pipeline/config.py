@@ -135,7 +135,12 @@ class EvalSection(_Section):
     every: int = Field(
         0, ge=0, description="Measure sample quality every N steps on the chief (each is also a checkpoint step); 0 = off."
     )
-    num_samples: int = Field(1000, ge=10, description="Generated images per evaluation (and real images at most, per set).")
+    num_samples: int = Field(
+        1000,
+        ge=10,
+        description="Generated images per evaluation, from the same latents every time; the real set is up to "
+        "10,000 prepared images.",
+    )
     extractor: Literal["auto", "digits", "inception"] = Field(
         "auto",
         description="Features for FID and KID: digits = a small classifier trained on the embedded digits (also gives "
