@@ -169,28 +169,33 @@ def test_ray_ranks_checkpoints_by_fid_and_the_best_survives_retention(tmp_path: 
     from pipeline import tensorboard as tb
     from tests.helpers import read_scalars
 
-    cfg = ray_config(
-        tmp_path, "quality",
-        data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
-        model={"nz": 32, "ngf": 16, "ndf": 16, "g_ema_decay": 0.9},
-        train={"steps": 40, "global_batch_size": 32, "lr": 1e-3},
-        checkpoint={"every": 1000, "keep": 2},
-        logging={"every": 10, "samples_every": 1000},
-        eval={"every": 10, "num_samples": 200},
-    )  # fmt: skip
-    checkpoint_config = ray_runner.checkpoint_config(cfg)
+    def quality_config(steps: int, lr: float) -> Config:
+        return ray_config(
+            tmp_path, "quality",
+            data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
+            model={"nz": 32, "ngf": 16, "ndf": 16},
+            train={"steps": steps, "global_batch_size": 32, "lr": lr},
+            checkpoint={"every": 1000, "keep": 2},
+            logging={"every": 10, "samples_every": 1000},
+            eval={"every": 10, "num_samples": 200},
+        )  # fmt: skip
+
+    first = quality_config(30, 2e-2)
+    checkpoint_config = ray_runner.checkpoint_config(first)
     assert (checkpoint_config.checkpoint_score_attribute, checkpoint_config.checkpoint_score_order) == ("eval/fid", "min")
-
+    ray_runner.run(plan(first))
+    # It degrades late: resumed at step 30 with a learning rate far too high.
     with caplog.at_level("INFO", logger="pipeline.ray_runner"):
-        metrics = ray_runner.run(plan(cfg))
-    assert metrics["step"] == 40 and metrics[tb.TAG_EVAL_FID] > 0
+        metrics = ray_runner.run(plan(quality_config(50, 0.5)))
+    assert metrics["step"] == 50 and metrics[tb.TAG_EVAL_FID] > 0
 
-    fid = read_scalars(cfg.run_dir / "tb")[tb.TAG_EVAL_FID]
-    assert sorted(fid) == [10, 20, 30, 40]
+    fid = read_scalars(first.run_dir / "tb")[tb.TAG_EVAL_FID]
+    assert sorted(fid) == [10, 20, 30, 40, 50]
     best_step = min(fid, key=fid.get)
+    assert best_step <= 30 and fid[50] > fid[best_step], fid  # older than the newest two
     best = f"step-{best_step:08d}"
-    checkpoints = cfg.run_dir / "checkpoints"
+    checkpoints = first.run_dir / "checkpoints"
     assert (checkpoints / "BEST").read_text().strip() == best
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == sorted({"step-00000030", "step-00000040", best})
-    # Ray's own ranking of the reported pointers chose the same checkpoint.
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == sorted({"step-00000040", "step-00000050", best})
+    # Ray's own ranking of this fit's pointers (steps 30-50) agrees with BEST.
     assert f"best checkpoint by eval/fid: {best}" in caplog.text and "Ray ranks" not in caplog.text

@@ -18,14 +18,18 @@ pytestmark = pytest.mark.integration
 EVAL_EVERY, STEPS = 10, 40
 
 
+# A run that degrades late: it resumes at step 20 with a learning rate far too high.
+DEGRADE = ["--set", f"train.steps={STEPS}", "--set", "train.lr=0.5"]
+
+
 def eval_config(tmp_path: Path, **sections):
-    """Digits (the classifier judges them) with a small, fast net; evaluated every 10 steps,
-    only the newest 2 checkpoints kept by retention."""
+    """Digits (the classifier judges them) with a small, fast net, 20 steps; evaluated every
+    10 steps, only the newest 2 checkpoints kept by retention."""
     return small_config(
         tmp_path,
         data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
-        model={"nz": 32, "ngf": 16, "ndf": 16, "g_ema_decay": 0.9},
-        train={"steps": STEPS, "global_batch_size": 32, "lr": 1e-3},
+        model={"nz": 32, "ngf": 16, "ndf": 16, "g_ema_decay": 0.5},
+        train={"steps": 20, "global_batch_size": 32, "lr": 2e-2},
         checkpoint={"every": 1000, "keep": 2},
         logging={"every": 10, "samples_every": 1000},
         eval={"every": EVAL_EVERY, "num_samples": 200},
@@ -42,22 +46,24 @@ def checkpoint_scores(checkpoints: Path) -> dict[int, float]:
 
 
 def check_best_survived(checkpoints: Path, logged_fid: dict[int, float]) -> str:
-    """BEST names the lowest logged FID; that checkpoint exists even where retention (keep 2)
-    would have deleted it. Returns its directory name."""
+    """BEST names the lowest logged FID, from before the degradation; retention (keep 2) kept
+    it beside the newest two. Returns its directory name."""
     best_step = min(logged_fid, key=logged_fid.get)
+    assert best_step <= 20 and logged_fid[STEPS] > logged_fid[best_step], logged_fid  # the run degraded
     best = (checkpoints / "BEST").read_text().strip()
     assert best == f"step-{best_step:08d}", (best, logged_fid)
     assert (checkpoints / best / "manifest.json").is_file()
     kept = sorted(p.name for p in checkpoints.glob("step-*"))
-    newest = [f"step-{s:08d}" for s in (STEPS - EVAL_EVERY, STEPS)]
-    assert kept == sorted(set(newest) | {best}), kept
+    assert kept == sorted({best, f"step-{STEPS - EVAL_EVERY:08d}", f"step-{STEPS:08d}"}), kept
     return best
 
 
 def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(tmp_path: Path):
     cfg = eval_config(tmp_path)
-    done = dcgan("train", "--config", write_config(tmp_path / "eval.yaml", cfg), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    config_file = write_config(tmp_path / "eval.yaml", cfg)
+    for args in ([], DEGRADE):
+        done = dcgan("train", "--config", config_file, *args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
 
     scalars = read_scalars(cfg.run_dir / "tb")
     steps = list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))

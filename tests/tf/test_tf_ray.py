@@ -25,8 +25,11 @@ def ray_cluster():
 
 
 def tf_ray_config(tmp_path: Path, name: str, **train):
+    """Two MultiWorkerMirrored workers; G's moving average on, so the replica check and the
+    exact resume cover it too."""
     return small_config(
         tmp_path, backend="tensorflow", run={"name": name}, train={"global_batch_size": 16, "steps": 8, **train},
+        model={"g_ema_decay": 0.9},
         scaling={"num_workers": 2, "cpus_per_worker": 1}, runtime={"runner": "ray"},
     )  # fmt: skip
 

@@ -241,10 +241,11 @@ class TFBackend:
         saved_average = any(name.startswith("generator_ema/") for name, _ in tf.train.list_variables(prefix))
         if self.netG_ema is None or saved_average:
             self.state.read(prefix).assert_existing_objects_matched().expect_partial()
-            return
-        # A checkpoint without an average (EMA switched on later): the average starts from G.
-        self.state_without_average.read(prefix).assert_existing_objects_matched().expect_partial()
-        self.netG_ema.set_weights(self.netG.get_weights())
+        else:  # a checkpoint without an average (EMA switched on later): the average starts from G
+            self.state_without_average.read(prefix).assert_existing_objects_matched().expect_partial()
+            self.netG_ema.set_weights(self.netG.get_weights())
+        for optimizer in (self.optG, self.optD):  # the config's rate, not the saved one: a resume may change it
+            optimizer.learning_rate.assign(self.cfg.train.lr)
 
     def export_weights(self) -> dict[str, np.ndarray]:
         return {**weights.to_neutral(self.netG), **weights.to_neutral(self.netD), "fixed_noise": self.fixed_noise.numpy()}

@@ -221,6 +221,9 @@ class TorchBackend:
         optimizers = read(OPTIMIZERS_FILE)
         self.optG.load_state_dict(optimizers["generator"])
         self.optD.load_state_dict(optimizers["discriminator"])
+        for optimizer in (self.optG, self.optD):  # the config's rates, not the saved ones: a resume may change them
+            for group in optimizer.param_groups:
+                group.update(lr=self.cfg.train.lr, betas=(self.cfg.train.beta1, self.cfg.train.beta2))
         if self.cfg.train.amp:  # in float32 the scale is always 1
             self.scaler.load_state_dict(optimizers["scaler"])
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
