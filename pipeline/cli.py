@@ -166,28 +166,18 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pipeline import config
-    from pipeline.backends import create_backend
-    from pipeline.checkpoint import fetch
-    from pipeline.context import LOCAL
+    from pipeline.backends import loaded_checkpoint
     from pipeline.images import make_grid, save_png
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
     if args.interpolate is not None:
         _check_interpolation(args)
-    info = fetch(args.checkpoint)
-    cfg = config.validate(info.config, f"{args.checkpoint}/manifest.json")
-    cfg.runtime.device = args.device
-    backend = create_backend(cfg, LOCAL)
-    try:
-        backend.load(info.path)
+    with loaded_checkpoint(args.checkpoint, args.device) as (backend, cfg, _):
         if args.interpolate is not None:
             images = backend.generate(_interpolation_latents(args.rows, args.interpolate, cfg.model.nz, args.seed))
         else:
             images = backend.sample(num=args.num, seed=args.seed)
-    finally:
-        backend.close()
     if args.interpolate is not None:
         save_png(make_grid(images, columns=args.interpolate), args.out)
         print(f"wrote {args.rows} interpolations of {args.interpolate} images each to {args.out}")

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config
-from pipeline.backends import create_backend
-from pipeline.checkpoint import fetch
+from pipeline.backends import loaded_checkpoint
 from pipeline.config import ConfigError
-from pipeline.context import LOCAL
 
 EXPORT_FILE = "export.json"
 TO_UINT8 = "round((clip(images, -1, 1) + 1) * 127.5), as dcgan sample does"
@@ -30,15 +28,8 @@ def export_generator(checkpoint: str, out: Path, device: str = "cpu") -> dict[st
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new directory")
-    info = fetch(checkpoint)
-    cfg = config.validate(info.config, f"{checkpoint}/manifest.json")
-    cfg.runtime.device = device
-    backend = create_backend(cfg, LOCAL)
-    try:
-        backend.load(info.path)
-        return _write(backend, cfg, info.step, str(checkpoint), out)
-    finally:
-        backend.close()
+    with loaded_checkpoint(checkpoint, device) as (backend, cfg, step):
+        return _write(backend, cfg, step, str(checkpoint), out)
 
 
 def _writer(framework: str):

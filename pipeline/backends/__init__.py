@@ -5,9 +5,12 @@ Lazy imports keep the rule that one process never loads two frameworks (docs/ARC
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from pipeline.backends.base import Backend, NonFiniteError
 from pipeline.config import Config, ConfigError
-from pipeline.context import RankContext
+from pipeline.context import LOCAL, RankContext
 
 
 def create_backend(cfg: Config, ctx: RankContext) -> Backend:
@@ -20,6 +23,24 @@ def create_backend(cfg: Config, ctx: RankContext) -> Backend:
 
         return TFBackend(cfg, ctx)
     raise AssertionError(f"config validation admits no backend {cfg.backend!r}")
+
+
+@contextmanager
+def loaded_checkpoint(address: str, device: str) -> Iterator[tuple[Backend, Config, int]]:
+    """(the backend of a checkpoint's own framework with its state loaded on `device`, the
+    checkpoint's config, its step), closed on exit: what sample, export and evaluate start from."""
+    from pipeline import config
+    from pipeline.checkpoint import fetch
+
+    info = fetch(address)
+    cfg = config.validate(info.config, f"{address}/manifest.json")
+    cfg.runtime.device = device
+    backend = create_backend(cfg, LOCAL)
+    try:
+        backend.load(info.path)
+        yield backend, cfg, info.step
+    finally:
+        backend.close()
 
 
 def check_local_devices(cfg: Config) -> None:
@@ -41,4 +62,4 @@ def check_local_devices(cfg: Config) -> None:
         )
 
 
-__all__ = ["Backend", "NonFiniteError", "check_local_devices", "create_backend"]
+__all__ = ["Backend", "NonFiniteError", "check_local_devices", "create_backend", "loaded_checkpoint"]

@@ -12,29 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config
-from pipeline.backends import create_backend
+from pipeline.backends import loaded_checkpoint
 from pipeline.backends.base import latent_noise
-from pipeline.checkpoint import verify
-from pipeline.context import LOCAL
 from pipeline.loop import EVAL_NOISE_SEED
 
 SAMPLES, SAMPLES_WITHOUT_EMA = "images.npy", "images_without_ema.npy"
 
 
 def write_samples(checkpoint: Path, num: int, device: str, out: Path) -> None:
-    info = verify(checkpoint)
-    cfg = config.validate(info.config, f"{checkpoint}/manifest.json")
-    cfg.runtime.device = device
-    backend = create_backend(cfg, LOCAL)
-    try:
-        backend.load(info.path)
+    with loaded_checkpoint(str(checkpoint), device) as (backend, cfg, _):
         z = latent_noise(num, cfg.model.nz, EVAL_NOISE_SEED)  # the latents training evaluates with
         np.save(out / SAMPLES, backend.generate(z))
         if cfg.model.g_ema_decay:
             np.save(out / SAMPLES_WITHOUT_EMA, backend.generate(z, averaged=False))
-    finally:
-        backend.close()
 
 
 def main() -> None:
