@@ -200,8 +200,12 @@ class CheckpointManager:
         return info
 
     def best_name(self) -> Optional[str]:
+        return self._pointer(BEST)
+
+    def _pointer(self, pointer: str) -> Optional[str]:
+        """The step directory a pointer file (LATEST, BEST) names; None if absent or not a step name."""
         try:
-            name = self.location.read_text(BEST).strip()
+            name = self.location.read_text(pointer).strip()
         except (FileNotFoundError, OSError, UnicodeDecodeError):
             return None
         return name if _STEP_DIR.match(name) else None
@@ -246,11 +250,7 @@ class CheckpointManager:
                 self.location.delete(name)  # an upload cut short: no manifest, never read
 
     def latest_name(self) -> Optional[str]:
-        try:
-            name = self.location.read_text(LATEST).strip()
-        except (FileNotFoundError, OSError, UnicodeDecodeError):
-            return None
-        return name if _STEP_DIR.match(name) else None
+        return self._pointer(LATEST)
 
     def latest(self, job: Optional[str] = None) -> Optional[CheckpointInfo]:
         """The checkpoint LATEST names if it verifies, else the newest one that does; with
