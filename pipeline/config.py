@@ -59,6 +59,12 @@ class DataSection(_Section):
     lsun_classes: list[str] = Field(["bedroom_train"], min_length=1, description="LSUN categories to read.")
     download: bool = Field(False, description="Let torchvision download mnist / cifar10 into root.")
     shard_size: int = Field(8192, gt=0, description="Images per shard file.")
+    device_cache: Literal["auto", True, False] = Field(
+        "auto",
+        description="torch: keep the uint8 dataset in device memory and gather batches there (no per-step host copy); "
+        "auto = on a GPU when it takes under a quarter of the free memory. Off: the next batch is gathered (and on a "
+        "GPU copied from pinned memory) while the current step runs.",
+    )
     prepare_workers: int = Field(
         0, ge=0, description="Decode processes at prepare time; 0 = the CPUs this process may use (affinity, cgroup quota)."
     )
@@ -99,10 +105,32 @@ class TrainSection(_Section):
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (DCGAN paper: 0.5).")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     seed: int = Field(0, ge=0, description="Seeds init, data shuffle (shared) and noise (per rank).")
-    amp: bool = Field(False, description="float16 autocast with a GradScaler (meant for CUDA).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Arithmetic of the step: bf16 or fp16 autocast (fp16 with a dynamic loss scale), or fp32; auto = "
+        "bf16 where the GPU or CPU computes bf16 natively, else fp32 (pipeline/precision.py; the dry run says which).",
+    )
+    channels_last: bool = Field(
+        True,
+        description="torch: NHWC activations and weights (oneDNN and cuDNN's fast layout; 1.24x on our AVX2 CPU). "
+        "Keras is channels-last already.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch: torch.compile G and D; TensorFlow: XLA jit_compile of the step. Off by default: on our "
+        "CPU neither is faster, and compiling costs 15-45 s at start (bench/RESULTS.md).",
+    )
     max_failures: int = Field(
         0, ge=0, description="Ray runner: restarts of the worker group from the last checkpoint before giving up."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_was_replaced(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "amp" in raw:
+            fp16 = "precision: fp16" if raw["amp"] else "precision: fp32 (or auto)"
+            raise ValueError(f"train.amp was replaced by train.precision (auto | fp32 | bf16 | fp16): amp: {raw['amp']} is {fp16}")
+        return raw
 
     @field_validator("lr")
     @classmethod

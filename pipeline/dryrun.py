@@ -101,6 +101,14 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:,.0f} MiB"
 
 
+def _speed_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The step's speed settings as the backend resolved them (layout and feed: torch only)."""
+    compiled = "XLA jit_compile" if info["framework"].startswith("tensorflow") else "torch.compile"
+    rows = [("compiled", compiled if info.get("compiled") else "no (eager)")]
+    rows += [(name, info[key]) for name, key in (("layout", "layout"), ("data feed", "data_feed")) if key in info]
+    return rows
+
+
 def print_report(report: dict[str, Any], console: Optional[Console] = None) -> None:
     # Piped into a log, lines need not fit 80 columns: keep each row (and path) on one line.
     console = console or Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
@@ -117,6 +125,8 @@ def print_report(report: dict[str, Any], console: Optional[Console] = None) -> N
         ("backend", f"{info['framework']} on {info.get('device_name', info['device'])}, {ranks} rank(s)"),
         ("data", report["data"]),
         ("parameters", f"G {params['generator']:,}  D {params['discriminator']:,}"),
+        ("precision", info.get("precision", "fp32")),
+        *_speed_rows(info),
         ("steps", f"{report['steps']} x global batch {report['global_batch_size']}"),
         ("step time", f"{report['step_ms']:.1f} ms (steady state)"),
         ("throughput", f"{report['images_per_sec']:,.0f} images/s"),

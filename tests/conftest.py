@@ -45,7 +45,7 @@ def small_config(tmp_path: Path, backend: str = "torch", **sections) -> config.C
         "data": {"source": "synthetic", "synthetic_count": 256, "image_size": 32, "channels": 1,
                  "prepared_dir": str(tmp_path / "prepared")},
         "model": {"nz": 16, "ngf": 8, "ndf": 8},
-        "train": {"steps": 8, "global_batch_size": 16, "seed": 3},
+        "train": {"steps": 8, "global_batch_size": 16, "seed": 3, "precision": "fp32"},
         "checkpoint": {"every": 4, "keep": 2},
         "logging": {"every": 2, "samples_every": 4, "num_samples": 16},
         "runtime": {"device": "cpu"},

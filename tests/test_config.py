@@ -31,8 +31,8 @@ def test_defaults_and_resolved_dump_round_trip(tmp_path: Path):
 
 
 def test_overrides_are_typed(tmp_path: Path):
-    cfg = config.load(None, ["train.steps=10", "train.lr=1e-3", "train.amp=true", "run.name=abc"])
-    assert (cfg.train.steps, cfg.train.lr, cfg.train.amp, cfg.run.name) == (10, 1e-3, True, "abc")
+    cfg = config.load(None, ["train.steps=10", "train.lr=1e-3", "train.precision=fp16", "run.name=abc"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.precision, cfg.run.name) == (10, 1e-3, "fp16", "abc")
     assert isinstance(cfg.train.steps, int)
 
 
@@ -104,3 +104,21 @@ def test_model_mismatch_lists_shape_fields():
     assert any("model.ngf: checkpoint has 64, config asks for 32" in d for d in diffs)
     assert any("data.image_size" in d for d in diffs)
     assert config.model_mismatch(saved, config.load(None, ["train.lr=0.001"])) == []
+
+
+@pytest.mark.parametrize("amp, replacement", [(True, "precision: fp16"), (False, "precision: fp32")])
+def test_the_old_amp_key_names_its_replacement(amp: bool, replacement: str):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, [f"train.amp={str(amp).lower()}"])
+    assert "train.amp was replaced by train.precision" in str(caught.value)
+    assert replacement in str(caught.value)
+
+
+def test_speed_settings_validate_with_their_field_names():
+    cfg = config.load(None, ["train.precision=bf16", "train.channels_last=false", "train.compile=true", "data.device_cache=true"])
+    assert (cfg.train.precision, cfg.train.channels_last, cfg.train.compile, cfg.data.device_cache) == ("bf16", False, True, True)
+    assert config.load(None).data.device_cache == "auto" and config.load(None).train.precision == "auto"
+    with pytest.raises(ConfigError, match=r"train\.precision: .*'fp32'.*\(got 'fp8'\)"):
+        config.load(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"data\.device_cache: .*\(got 'gpu'\)"):
+        config.load(None, ["data.device_cache=gpu"])

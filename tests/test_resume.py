@@ -31,9 +31,9 @@ def _final_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
-def test_resume_in_a_fresh_process_is_bit_exact(tmp_path: Path, amp: bool):
-    train = {"steps": 2 * K, "amp": amp}
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path: Path, precision: str):
+    train = {"steps": 2 * K, "precision": precision}
     whole = small_config(tmp_path, run={"name": "whole"}, train=train)
     split = small_config(tmp_path, run={"name": "split"}, train=train)
     whole_yaml = write_config(tmp_path / "whole.yaml", whole)
@@ -65,8 +65,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path: Path, amp: bool):
         assert logged_whole[tag] == logged_split[tag], f"{tag} differs after resume"
 
 
-def test_amp_checkpoint_holds_scaler_state(tmp_path: Path):
-    cfg = small_config(tmp_path, train={"steps": K, "amp": True})
+def test_fp16_checkpoint_holds_scaler_state(tmp_path: Path):
+    cfg = small_config(tmp_path, train={"steps": K, "precision": "fp16"})
     result = dcgan("train", "--config", write_config(tmp_path / "c.yaml", cfg), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     optimizers = torch.load(cfg.run_dir / "checkpoints" / f"step-{K:08d}" / "optimizers.pt", weights_only=True)

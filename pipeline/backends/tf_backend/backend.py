@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise, warmed_up_decay
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
-from pipeline.backends.tf_backend.devices import describe, make_strategy, use_devices
+from pipeline.backends.tf_backend.devices import describe, make_strategy, resolve_precision, use_devices
 from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
@@ -26,13 +26,18 @@ from pipeline.data.shards import ShardedImages
 
 log = logging.getLogger(__name__)
 
+# Keras dtype policies: bf16 / fp16 compute with float32 variables (and float32 outputs, models.py).
+_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
 STATE_PREFIX = "tf_state"  # tf.train.Checkpoint writes tf_state.index + tf_state.data-*
 
 
-def _adam(cfg: Config) -> keras.optimizers.Optimizer:
+def _adam(cfg: Config, fp16: bool) -> keras.optimizers.Optimizer:
     adam = keras.optimizers.Adam(cfg.train.lr, cfg.train.beta1, cfg.train.beta2, epsilon=1e-8)  # torch's eps
-    # Initial scale 1 (exact) and no growth: the wrapper is here for its distributed, device-side
-    # skip of an update whose gradients are not finite.
+    if fp16:  # a dynamic loss scale, as torch's GradScaler keeps
+        return keras.optimizers.LossScaleOptimizer(adam, initial_scale=2.0**16, dynamic_growth_steps=2000)
+    # Otherwise an initial scale of 1 (exact) and no growth: the wrapper is here for its
+    # distributed, device-side skip of an update whose gradients are not finite.
     return keras.optimizers.LossScaleOptimizer(adam, initial_scale=1.0, dynamic_growth_steps=2**30)
 
 
@@ -61,16 +66,19 @@ class TFBackend:
         # Under MultiWorkerMirroredStrategy a save is collective: every worker writes.
         self.save_is_collective = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         model, data, seed = cfg.model, cfg.data, ctx.init_seed(cfg.train.seed) % 2**31
+        self.precision = resolve_precision(cfg.train.precision)
+        self.fp16 = self.precision.name == "fp16"
+        policy = _POLICIES[self.precision.name]
         with self.strategy.scope():
             sync = model.sync_batchnorm  # statistics over all replicas of the global batch
-            self.netG = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
-            self.netD = build_discriminator(model.ndf, data.channels, data.image_size, seed + 1000, sync)
+            self.netG = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync, policy)
+            self.netD = build_discriminator(model.ndf, data.channels, data.image_size, seed + 1000, sync, policy)
             # G's exponential moving average (model.g_ema_decay), BatchNorm statistics included.
             self.netG_ema = None
             if model.g_ema_decay:
-                self.netG_ema = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync)
+                self.netG_ema = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync, policy)
                 self.netG_ema.set_weights(self.netG.get_weights())
-            self.optG, self.optD = _adam(cfg), _adam(cfg)
+            self.optG, self.optD = _adam(cfg, self.fp16), _adam(cfg, self.fp16)
             self.optG.build(self.netG.trainable_variables)  # slots inside the scope (docs/ARCHITECTURE.md, traps)
             self.optD.build(self.netD.trainable_variables)
             fixed = np.random.default_rng(ctx.fixed_noise_seed(cfg.train.seed)).standard_normal(
@@ -83,7 +91,12 @@ class TFBackend:
         )  # fmt: skip
         self.state = tf.train.Checkpoint(**tracked, **({"generator_ema": self.netG_ema} if self.netG_ema else {}))
         self.state_without_average = tf.train.Checkpoint(**tracked)  # reads checkpoints that kept none
-        self._step = tf.function(self._distributed_step)
+        # XLA needs every shape static and compiles once; the default strategy only (it compiles
+        # neither MirroredStrategy's per-device copies nor MultiWorkerMirrored's collectives).
+        self.jit_compile = cfg.train.compile and self.strategy is tf.distribute.get_strategy()
+        if cfg.train.compile and not self.jit_compile:
+            log.warning("train.compile: XLA is not used under %s; the step runs as a graph", type(self.strategy).__name__)
+        self._step = tf.function(self._distributed_step, jit_compile=self.jit_compile)
 
     # --- data ----------------------------------------------------------------------------
 
@@ -127,10 +140,12 @@ class TFBackend:
                 logits_real = self.netD(real, training=True)
                 logits_fake = self.netD(tf.stop_gradient(fake), training=True)
                 loss_d = average(logits_real, logits_real, 1.0) + average(logits_fake, logits_fake, 0.0)
-            bad_d = self._apply(self.optD, tape_d.gradient(loss_d, self.netD.trainable_variables), self.netD, loss_d)
+                scaled_d = self.optD.scale_loss(loss_d)  # recorded by the tape: times 1 unless fp16
+            bad_d = self._apply(self.optD, tape_d.gradient(scaled_d, self.netD.trainable_variables), self.netD, loss_d)
             logits_gen = self.netD(fake, training=True)  # after D's update, as in the torch backend
             loss_g = average(logits_gen, logits_gen, 1.0)
-        bad_g = self._apply(self.optG, tape_g.gradient(loss_g, self.netG.trainable_variables), self.netG, loss_g)
+            scaled_g = self.optG.scale_loss(loss_g)
+        bad_g = self._apply(self.optG, tape_g.gradient(scaled_g, self.netG.trainable_variables), self.netG, loss_g)
         replicas = tf.cast(self.strategy.num_replicas_in_sync, tf.float32)
         return {
             # Each replica's loss is its share of the global mean: the sum over replicas is the mean.
@@ -142,10 +157,15 @@ class TFBackend:
         }
 
     def _apply(self, optimizer, grads, net: keras.Model, loss: tf.Tensor) -> tf.Tensor:
-        """Apply unless a gradient or the loss is not finite (the optimizer skips on the device)."""
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads] + [tf.math.is_finite(loss)])
+        """Apply unless a gradient or the loss is not finite (the optimizer skips on the device).
+
+        Under fp16 an overflowing (scaled) gradient is routine: the optimizer skips that update
+        and lowers its scale; only a non-finite loss counts as a failure, as in torch."""
+        checked = [tf.math.is_finite(loss)]
+        if not self.fp16:
+            checked += [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
-        return 1.0 - tf.cast(finite, tf.float32)
+        return 1.0 - tf.cast(tf.reduce_all(checked), tf.float32)
 
     def _distributed_step(self, images: Any, seed: tf.Tensor, decay: tf.Tensor) -> dict[str, tf.Tensor]:
         per_replica = self.strategy.run(self._replica_step, args=(images, seed))
@@ -268,6 +288,8 @@ class TFBackend:
             "framework": f"tensorflow {tf.__version__}",
             "device": f"{kind}, {devices['strategy']}, {devices['replicas']} replica(s)",
             "devices": devices["devices"],
+            "precision": self.precision.describe(),
+            "compiled": self.jit_compile,
             **({"device_name": ", ".join(devices["gpus"])} if devices["gpus"] else {}),
             "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from pipeline import precision
 from pipeline.backends.tf_backend import quiet, tf
 from pipeline.backends.tf_backend.quiet import native_stderr_captured
 from pipeline.config import ConfigError
@@ -71,3 +72,12 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, object]:
         "devices": devices,
         "gpus": names,
     }
+
+
+def resolve_precision(requested: str) -> precision.Precision:
+    """train.precision on the devices this process trains on (auto: bf16 where it is native)."""
+    gpus = tf.config.get_visible_devices("GPU")
+    if not gpus:
+        return precision.resolve(requested, "cpu")
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    return precision.resolve(requested, "gpu", gpu_has_bf16=tuple(capability) >= (8, 0))

@@ -10,6 +10,8 @@ exactly as PyTorch's padding=1, so the two compute the same function.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import keras
 from keras import layers
@@ -31,43 +33,59 @@ def _batchnorm(seed: int, name: str, synchronized: bool) -> layers.BatchNormaliz
 
 
 
+@contextmanager
+def _dtype_policy(policy: str) -> Iterator[None]:
+    """Layers built inside take `policy` (Keras reads the global policy at construction)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_generator(
-    nz: int, ngf: int, channels: int, image_size: int, seed: int, synchronized: bool = False
+    nz: int, ngf: int, channels: int, image_size: int, seed: int, synchronized: bool = False, policy: str = "float32"
 ) -> keras.Model:
-    """z (N, nz) -> images (N, size, size, channels) in [-1, 1]."""
-    hidden = num_resolution_doublings(image_size) - 1
-    width = ngf * 2**hidden
-    z = keras.Input((nz,), name="z")
-    x = layers.Reshape((1, 1, nz))(z)
-    x = layers.Conv2DTranspose(width, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed),
-                               name="convt_0")(x)  # fmt: skip
-    x = layers.ReLU()(_batchnorm(seed + 1, "bn_0", synchronized)(x))
-    for index in range(1, hidden + 1):
-        width //= 2
-        x = layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
-                                   name=f"convt_{index}")(x)  # fmt: skip
-        x = layers.ReLU()(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
-    x = layers.Conv2DTranspose(channels, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 99),
-                               name=f"convt_{hidden + 1}")(x)  # fmt: skip
-    return keras.Model(z, layers.Activation("tanh")(x), name="generator")
+    """z (N, nz) -> images (N, size, size, channels) in [-1, 1], float32 whatever the `policy`
+    (a Keras dtype policy: mixed_bfloat16 computes in bf16 with float32 variables)."""
+    with _dtype_policy(policy):
+        hidden = num_resolution_doublings(image_size) - 1
+        width = ngf * 2**hidden
+        z = keras.Input((nz,), name="z")
+        x = layers.Reshape((1, 1, nz))(z)
+        x = layers.Conv2DTranspose(width, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed),
+                                   name="convt_0")(x)  # fmt: skip
+        x = layers.ReLU()(_batchnorm(seed + 1, "bn_0", synchronized)(x))
+        for index in range(1, hidden + 1):
+            width //= 2
+            x = layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
+                                       name=f"convt_{index}")(x)  # fmt: skip
+            x = layers.ReLU()(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
+        x = layers.Conv2DTranspose(channels, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 99),
+                                   name=f"convt_{hidden + 1}")(x)  # fmt: skip
+        image = layers.Activation("tanh", dtype="float32")(x)  # float32 out, whatever the compute dtype
+    return keras.Model(z, image, name="generator")
 
 
 def build_discriminator(
-    ndf: int, channels: int, image_size: int, seed: int, synchronized: bool = False
+    ndf: int, channels: int, image_size: int, seed: int, synchronized: bool = False, policy: str = "float32"
 ) -> keras.Model:
-    """images (N, size, size, channels) -> logits (N,). No BatchNorm on the first layer."""
-    image = keras.Input((image_size, image_size, channels), name="image")
-    x = layers.Conv2D(ndf, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed), name="conv_0")(image)
-    x = layers.LeakyReLU(0.2)(x)
-    width = ndf
-    for index in range(1, num_resolution_doublings(image_size)):
-        width *= 2
-        x = layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
-                          name=f"conv_{index}")(x)  # fmt: skip
-        x = layers.LeakyReLU(0.2)(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
-    x = layers.Conv2D(1, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed + 99),
-                      name=f"conv_{num_resolution_doublings(image_size)}")(x)  # fmt: skip
-    return keras.Model(image, layers.Reshape(())(x), name="discriminator")
+    """images (N, size, size, channels) -> float32 logits (N,). No BatchNorm on the first layer."""
+    with _dtype_policy(policy):
+        image = keras.Input((image_size, image_size, channels), name="image")
+        x = layers.Conv2D(ndf, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed), name="conv_0")(image)
+        x = layers.LeakyReLU(0.2)(x)
+        width = ndf
+        for index in range(1, num_resolution_doublings(image_size)):
+            width *= 2
+            x = layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=_conv_init(seed + 2 * index),
+                              name=f"conv_{index}")(x)  # fmt: skip
+            x = layers.LeakyReLU(0.2)(_batchnorm(seed + 2 * index + 1, f"bn_{index}", synchronized)(x))
+        x = layers.Conv2D(1, 4, 1, "valid", use_bias=False, kernel_initializer=_conv_init(seed + 99),
+                          name=f"conv_{num_resolution_doublings(image_size)}")(x)  # fmt: skip
+        logits = layers.Reshape((), dtype="float32")(x)
+    return keras.Model(image, logits, name="discriminator")
 
 
 def count_parameters(model: keras.Model) -> int:

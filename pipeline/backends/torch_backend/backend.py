@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -12,15 +11,17 @@ import torch
 from torch import nn
 
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
-from pipeline.backends.torch_backend import distributed, weights
+from pipeline.backends.torch_backend import distributed, feed, weights
 from pipeline.backends.torch_backend.average import GeneratorAverage
-from pipeline.backends.torch_backend.device import make_deterministic, pick_device
-from pipeline.backends.torch_backend.feed import to_device, to_uint8_images
+from pipeline.backends.torch_backend.device import make_deterministic, pick_device, resolve_precision
+from pipeline.backends.torch_backend.feed import to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
 from pipeline.data.shards import ShardedImages
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 GENERATOR_FILE = "generator.pt"  # a plain state dict: loads as --netG of the canonical example
 GENERATOR_EMA_FILE = "generator_ema.pt"  # the same layout: loads as --netG too
@@ -44,35 +45,42 @@ class TorchBackend:
         self.netG, self.netD = build_models(
             model.nz, model.ngf, model.ndf, cfg.data.channels, cfg.data.image_size, ctx.init_seed(train.seed)
         )
-        self.netG.to(self.device, dtype)
-        self.netD.to(self.device, dtype)
+        layout = torch.channels_last if train.channels_last else torch.preserve_format
+        self.netG.to(self.device, dtype, memory_format=layout)
+        self.netD.to(self.device, dtype, memory_format=layout)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
-        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm)
-        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm)
+        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm, train.compile)
+        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm, train.compile)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
         # which keeps the non-finite guard free of host syncs (see _step).
         adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
         self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
         self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
-        # Under float16 a dynamic loss scale. In float32 the scale stays exactly 1 (update(1.0)
-        # in train_step): the scaler is there for its device-side skip of a non-finite update.
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if train.amp else 1.0)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.float16) if train.amp else nullcontext()
+        self.precision = resolve_precision(train.precision, self.device)
+        self.fp16 = self.precision.name == "fp16"
+        # Under fp16 a dynamic loss scale. Otherwise the scale stays exactly 1 (update(1.0) in
+        # train_step): the scaler is there for its device-side skip of a non-finite update.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if self.fp16 else 1.0)
+        self.autocast = torch.autocast(
+            self.device.type, dtype=_AUTOCAST_DTYPES.get(self.precision.name), enabled=self.precision.autocast
         )
         # Every rank keeps the same average, as every rank's G is the same (BatchNorm statistics
         # are made to agree at checkpoints, as G's are).
         self.netG_ema = GeneratorAverage(self.netG, model.g_ema_decay) if model.g_ema_decay else None
         self.bce = nn.BCEWithLogitsLoss()
+        self.device_cache: Optional[bool] = None  # data.device_cache, resolved in batches()
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
         self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device, dtype)
 
     # --- training ------------------------------------------------------------------------
 
-    def batches(self, images: ShardedImages, sharder: EpochSharder) -> Iterator[np.ndarray]:
-        """uint8 NHWC batches gathered from the memory-mapped shards; to_device runs in the step."""
-        return (images.gather(indices) for indices in sharder)
+    def batches(self, images: ShardedImages, sharder: EpochSharder) -> Iterator[torch.Tensor]:
+        """uint8 NHWC batches on the device (data.device_cache: resident there, or prefetched)."""
+        self.device_cache = feed.keeps_on_device(self.cfg.data.device_cache, images, self.device)
+        if self.device_cache:
+            return feed.resident_batches(images, sharder, self.device)
+        return feed.prefetched_batches(images, sharder, self.device)
 
     def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params) -> torch.Tensor:
         """Backward and update, skipped on every rank when the loss or a gradient is not finite;
@@ -82,7 +90,7 @@ class TorchBackend:
         # A NaN-seeded backward turns a non-finite loss into NaN gradients (an inf loss can have
         # finite ones), and DDP's all-reduce hands them to every rank: all ranks skip together.
         self.scaler.scale(loss * torch.where(loss_bad, torch.nan, 1.0)).backward()
-        if self.cfg.train.amp:
+        if self.fp16:
             # Under float16 an overflowing gradient is routine: the scaler skips that update
             # and lowers its scale. Only a non-finite loss counts as a failure.
             self.scaler.step(optimizer)
@@ -102,8 +110,10 @@ class TorchBackend:
         )
         return z[self.ctx.batch_slice(global_batch)]
 
-    def train_step(self, batch: np.ndarray, step: int) -> Mapping[str, Any]:
-        real = to_device(batch, self.device, self.dtype)
+    def train_step(self, batch: torch.Tensor | np.ndarray, step: int) -> Mapping[str, Any]:
+        """`batch`: uint8 NHWC, from batches() (on the device) or an array on the host."""
+        pixels = torch.as_tensor(batch, device=self.device)
+        real = feed.to_float(pixels, self.dtype, self.cfg.train.channels_last)
         z = self._noise(step)
         with self.autocast:
             fake = self.trainG(z)
@@ -123,7 +133,7 @@ class TorchBackend:
             bad_g = self._step(self.optG, loss_g, self.netG.parameters())
         finally:
             self.netD.requires_grad_(True)
-        self.scaler.update(None if self.cfg.train.amp else 1.0)
+        self.scaler.update(None if self.fp16 else 1.0)
         if self.netG_ema is not None:
             self.netG_ema.update(self.netG, step)
         return {
@@ -224,7 +234,7 @@ class TorchBackend:
         for optimizer in (self.optG, self.optD):  # the config's rates, not the saved ones: a resume may change them
             for group in optimizer.param_groups:
                 group.update(lr=self.cfg.train.lr, betas=(self.cfg.train.beta1, self.cfg.train.beta2))
-        if self.cfg.train.amp:  # in float32 the scale is always 1
+        if self.fp16:  # otherwise the scale is always 1
             self.scaler.load_state_dict(optimizers["scaler"])
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch_cpu"])
@@ -261,6 +271,13 @@ class TorchBackend:
         info: dict[str, Any] = {
             "framework": f"torch {torch.__version__}",
             "device": str(self.device),
+            "precision": self.precision.describe(),
+            "layout": "channels_last" if self.cfg.train.channels_last else "contiguous (NCHW)",
+            "compiled": self.cfg.train.compile,
+        }
+        if self.device_cache is not None:  # decided when the loop asked for batches
+            info["data_feed"] = "resident in device memory" if self.device_cache else "prefetched by a thread"
+        info |= {
             "parameters": {"generator": count_parameters(self.netG), "discriminator": count_parameters(self.netD)},
         }
         if self.device.type == "cuda":

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from pipeline import precision
 from pipeline.config import ConfigError
 
 # cuBLAS picks among workspace-dependent reduction orders unless its workspace is fixed; torch's
@@ -44,3 +45,10 @@ def make_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+def resolve_precision(requested: str, device: torch.device) -> precision.Precision:
+    """train.precision on this device (auto: bf16 where it is native; pipeline/precision.py)."""
+    if device.type == "cuda":
+        return precision.resolve(requested, "gpu", gpu_has_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
+    return precision.resolve(requested, "cpu")

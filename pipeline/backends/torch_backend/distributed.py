@@ -80,24 +80,26 @@ def use_global_batchnorm(module: nn.Module) -> None:
             use_global_batchnorm(child)
 
 
-def wrap(module: nn.Module, device: torch.device, world_size: int, sync_batchnorm: bool) -> nn.Module:
-    """The module to train: DDP across ranks, the module itself with one rank.
+def wrap(module: nn.Module, device: torch.device, world_size: int, sync_batchnorm: bool, compile: bool = False) -> nn.Module:
+    """The module to train: DDP across ranks, the module itself with one rank; torch.compile'd
+    (its forward and backward; DDP's graph breaks at bucket boundaries keep the overlap) when asked.
 
     No buffer sync in forward: D runs forward twice per step (real, then fake), and DDP's
     buffer broadcast is an in-place write that breaks autograd there (pytorch/pytorch#110363).
     Each rank keeps its own BatchNorm running statistics instead, and they are averaged across
     ranks before every checkpoint (synchronize_buffers).
     """
-    if world_size == 1:
-        return module
-    if sync_batchnorm:
-        use_global_batchnorm(module)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC)
+    if world_size > 1:
+        if sync_batchnorm:
+            use_global_batchnorm(module)
+        device_ids = [device.index] if device.type == "cuda" else None
+        module = DDP(module, device_ids=device_ids, **_NO_FORWARD_BUFFER_SYNC)
+    return torch.compile(module) if compile else module
 
 
 def no_sync(module: nn.Module) -> ContextManager:
     """Skip the gradient all-reduce of a network that is not being trained in this phase."""
+    module = getattr(module, "_orig_mod", module)  # under torch.compile, the module it compiled
     return module.no_sync() if isinstance(module, DDP) else nullcontext()
 
 
