@@ -3,12 +3,16 @@
 Every check runs the product's own code: the `dcgan train` CLI in fresh processes (determinism
 is process-wide), and TorchBackend in two gloo ranks for the data-parallel check.
 
-  dryrun       the dry run at 64 px RGB, global batch 128, float32 and float16 (train.amp)
-  exactness    per runtime.deterministic on / off: the largest weight difference between two
-               identical 40-step runs, and between a run resumed at step 20 and an uninterrupted one
+  dryrun       the dry run at 64 px RGB, global batch 128: the defaults (train.precision auto,
+               channels_last, data.device_cache auto) and float32
+  exactness    per runtime.deterministic on / off, at the defaults: the largest weight difference
+               between two identical 40-step runs, and between a run resumed at step 20 and an
+               uninterrupted one
   ddp          2 ranks sharing the GPU over gloo (DDP with CUDA tensors, sync BatchNorm on CUDA):
                replicas identical, and the difference from 1 rank on the same global batch
-  amp          40 float16 steps: losses finite, the final loss scale
+  fp16         40 float16 steps (train.precision=fp16): weights finite, the final loss scale
+
+The throughput table is bench/throughput.py --preset gpu, which bench/gpu_check.sh runs next.
 
     python bench/gpu_check.py --out DIR [--device cuda|cpu] [--steps 40]
 
@@ -61,15 +65,17 @@ def _dcgan(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def check_dryrun(work: Path, device: str, steps: int, amp: bool) -> dict[str, Any]:
-    name = "dry-amp" if amp else "dry"
+def check_dryrun(work: Path, device: str, steps: int, precision: str) -> dict[str, Any]:
+    name = f"dry-{precision}"
     _dcgan("train", "--config", "configs/dryrun.yaml", "--dry-run", "--dry-run-steps", str(steps),
-           *_common(work, device), "--set", f"run.name={name}", "--set", f"train.amp={str(amp).lower()}")  # fmt: skip
+           *_common(work, device), "--set", f"run.name={name}", "--set", f"train.precision={precision}")  # fmt: skip
     report = json.loads((work / "runs" / f"{name}-dryrun" / "dryrun-report.json").read_text())
     backend = report["backend"]
     return {
         "device": backend.get("device_name", backend["device"]),
         "framework": backend["framework"],
+        "precision": backend.get("precision"),
+        "data_feed": backend.get("data_feed"),
         "step_ms": round(report["step_ms"], 2),
         "images_per_sec": round(report["images_per_sec"]),
         "peak_device_memory_mib": round(backend.get("peak_device_memory_bytes", 0) / 2**20, 1),
@@ -178,13 +184,13 @@ def check_ddp(work: Path, device: str, steps: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def check_amp(work: Path, device: str, steps: int) -> dict[str, Any]:
-    _dcgan("train", "--config", "configs/dryrun.yaml", *_common(work, device), "--set", "run.name=amp",
-           "--set", f"train.steps={steps}", "--set", f"checkpoint.every={steps}", "--set", "train.amp=true",
+def check_fp16(work: Path, device: str, steps: int) -> dict[str, Any]:
+    _dcgan("train", "--config", "configs/dryrun.yaml", *_common(work, device), "--set", "run.name=fp16",
+           "--set", f"train.steps={steps}", "--set", f"checkpoint.every={steps}", "--set", "train.precision=fp16",
            "--set", f"logging.every={steps // 4}")  # fmt: skip
-    checkpoint = work / "runs" / "amp" / "checkpoints" / f"step-{steps:08d}"
+    checkpoint = work / "runs" / "fp16" / "checkpoints" / f"step-{steps:08d}"
     scaler = torch.load(checkpoint / "optimizers.pt", map_location="cpu", weights_only=True)["scaler"]
-    finite = all(bool(torch.isfinite(v).all()) for v in _final_weights(work / "runs" / "amp", steps).values())
+    finite = all(bool(torch.isfinite(v).all()) for v in _final_weights(work / "runs" / "fp16", steps).values())
     return {"steps": steps, "weights_finite": finite, "final_loss_scale": float(scaler["scale"])}
 
 
@@ -204,16 +210,15 @@ def main() -> int:
         "checks": {},
     }
     checks = {
-        "dryrun_fp32": lambda work: check_dryrun(work, args.device, args.steps, amp=False),
-        "dryrun_amp": lambda work: check_dryrun(work, args.device, args.steps, amp=True),
+        "dryrun_auto": lambda work: check_dryrun(work, args.device, args.steps, "auto"),
+        "dryrun_fp32": lambda work: check_dryrun(work, args.device, args.steps, "fp32"),
         "exactness_deterministic": lambda work: check_exactness(work, args.device, args.steps, True),
         "exactness_not_deterministic": lambda work: check_exactness(work, args.device, args.steps, False),
         "ddp_2_ranks_gloo": lambda work: check_ddp(work, args.device, max(2, args.steps // 4)),
-        "amp_training": lambda work: check_amp(work, args.device, args.steps),
+        "fp16_training": lambda work: check_fp16(work, args.device, args.steps),
     }
     if args.device == "cpu":  # float16 kernels on a CPU take minutes per step: nothing to learn there
-        for name in ("dryrun_amp", "amp_training"):
-            checks[name] = lambda work: {"skipped": "float16 autocast is measured on CUDA only"}
+        checks["fp16_training"] = lambda work: {"skipped": "float16 autocast is measured on CUDA only"}
     with tempfile.TemporaryDirectory(prefix="dcgan-gpu-check-") as scratch:
         for name, check in checks.items():
             started = time.perf_counter()

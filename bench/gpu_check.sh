@@ -3,8 +3,9 @@
 # says what it checks). That machine's python3 has torch, torchvision, numpy, pyyaml, rich,
 # scikit-learn and tensorboard; the rest travels as wheels:
 #   make gpu-wheels                 # here, once: fills bench/wheels/ (git-ignored, carried along)
-#   bash bench/gpu_check.sh         # there: results in $OUT/gpu_check.json, in under 5 minutes
-#   bash bench/gpu_check.sh --device cpu --steps 8   # anywhere: tries the script without a GPU
+#   bash bench/gpu_check.sh         # there: $OUT/gpu_check.json (under 5 minutes), then
+#                                   # $OUT/throughput.json (bench/throughput.py --preset gpu, under 6)
+#   bash bench/gpu_check.sh --device cpu --steps 8   # anywhere: tries the checks without a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
@@ -17,4 +18,10 @@ fi
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvidia-smi.csv"
 fi
-exec timeout "${GPU_CHECK_TIMEOUT_S:-290}" "$PY" bench/gpu_check.py --out "$OUT" "$@"
+status=0
+timeout "${GPU_CHECK_TIMEOUT_S:-290}" "$PY" bench/gpu_check.py --out "$OUT" "$@" || status=$?
+if [[ " $* " != *" --device cpu "* ]]; then  # the table needs the GPU; each row stops starting at the budget
+    timeout "${THROUGHPUT_TIMEOUT_S:-360}" "$PY" bench/throughput.py --preset gpu --budget-s 300 \
+        --out "$OUT/throughput.json" || status=$?
+fi
+exit "$status"

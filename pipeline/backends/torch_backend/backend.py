@@ -49,8 +49,9 @@ class TorchBackend:
         self.netG.to(self.device, dtype, memory_format=layout)
         self.netD.to(self.device, dtype, memory_format=layout)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
-        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm, train.compile)
-        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm, train.compile)
+        self.compiled = train.compile is True  # auto: eager (bench/RESULTS.md: no faster, 40 s to compile)
+        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
+        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
         # which keeps the non-finite guard free of host syncs (see _step).
         adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
@@ -273,7 +274,7 @@ class TorchBackend:
             "device": str(self.device),
             "precision": self.precision.describe(),
             "layout": "channels_last" if self.cfg.train.channels_last else "contiguous (NCHW)",
-            "compiled": self.cfg.train.compile,
+            "compiled": self.compiled,
         }
         if self.device_cache is not None:  # decided when the loop asked for batches
             info["data_feed"] = "resident in device memory" if self.device_cache else "prefetched by a thread"
