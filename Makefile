@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/feed.py
 	$(BIN)/python bench/ray_scaling.py
+	$(BIN)/python bench/throughput.py
 
 # The wheels bench/gpu_check.sh installs on a GPU machine without network: the versions of this
 # .venv, pydantic-core (compiled) for every CPython the machine might have.

@@ -115,10 +115,11 @@ class TrainSection(_Section):
         description="torch: NHWC activations and weights (oneDNN and cuDNN's fast layout; 1.24x on our AVX2 CPU). "
         "Keras is channels-last already.",
     )
-    compile: Literal["auto", True, False] = Field(
-        "auto",
+    compile: bool = Field(
+        False,
         description="torch: torch.compile G and D; TensorFlow: XLA jit_compile of the step (one device per worker). "
-        "auto = XLA for TensorFlow (1.7x on our CPU), eager torch (no faster there, 40 s to compile; bench/RESULTS.md).",
+        "Off: on our CPU, torch.compile was no faster (and takes 40 s), and XLA, 1.7x faster for TensorFlow, "
+        "ended the digits quality run worse (bench/RESULTS.md).",
     )
     max_failures: int = Field(
         0, ge=0, description="Ray runner: restarts of the worker group from the last checkpoint before giving up."

@@ -106,3 +106,29 @@ def test_a_global_batch_that_does_not_split_over_the_replicas_is_a_config_error(
     cfg = _with_backend(tmp_path, train={"global_batch_size": 15})
     with pytest.raises(ConfigError, match="global_batch_size=15 is not divisible by the 2 replicas"):
         TFBackend(cfg, LOCAL, tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"]))
+
+
+def test_xla_step_matches_the_graph_step(tmp_path: Path):
+    """train.compile: XLA under the default strategy, a plain graph by default."""
+    default = tf.distribute.get_strategy()
+    xla = TFBackend(_with_backend(tmp_path, train={"compile": True}), LOCAL, default)
+    graph = TFBackend(_with_backend(tmp_path), LOCAL, default)
+    assert xla.describe()["compiled"] and not graph.describe()["compiled"]
+    for step_a, step_b in zip(_train(xla, xla.cfg, 3), _train(graph, graph.cfg, 3)):
+        for name in ("loss/d", "loss/g", "d/real", "d/fake"):
+            assert step_a[name] == pytest.approx(step_b[name], rel=1e-4, abs=1e-5), name
+    mirrored = TFBackend(_with_backend(tmp_path, train={"compile": True}), LOCAL, tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"]))
+    assert not mirrored.describe()["compiled"]  # XLA compiles neither per-device copies nor collectives
+
+
+@pytest.mark.parametrize("precision, scale", [("bf16", 1.0), ("fp16", 2.0**16)])
+def test_mixed_precision_policies_keep_float32_weights_and_outputs(tmp_path: Path, precision: str, scale: float):
+    cfg = _with_backend(tmp_path, train={"precision": precision})
+    backend = TFBackend(cfg, LOCAL, tf.distribute.OneDeviceStrategy(SINGLE))
+    assert backend.describe()["precision"] == f"{precision} (set in the config)"
+    assert backend.netG.layers[-2].compute_dtype == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert all(w.dtype == "float32" for w in backend.netG.trainable_weights + backend.netD.trainable_weights)
+    assert backend.netG.outputs[0].dtype == "float32" and backend.netD.outputs[0].dtype == "float32"
+    assert float(backend.optG.dynamic_scale.numpy()) == scale  # a dynamic loss scale under fp16 only
+    losses = _train(backend, cfg, 3)
+    assert all(np.isfinite(list(step.values())).all() and step["nonfinite"] == 0 for step in losses)

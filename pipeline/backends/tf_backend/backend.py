@@ -91,11 +91,10 @@ class TFBackend:
         )  # fmt: skip
         self.state = tf.train.Checkpoint(**tracked, **({"generator_ema": self.netG_ema} if self.netG_ema else {}))
         self.state_without_average = tf.train.Checkpoint(**tracked)  # reads checkpoints that kept none
-        # XLA (auto: on; 1.7x on our CPU) with the default strategy only: it compiles neither
-        # MirroredStrategy's per-device copies nor MultiWorkerMirrored's collectives.
-        wanted = cfg.train.compile in ("auto", True)
-        self.jit_compile = wanted and self.strategy is tf.distribute.get_strategy()
-        if cfg.train.compile is True and not self.jit_compile:
+        # XLA with the default strategy only: it compiles neither MirroredStrategy's per-device
+        # copies nor MultiWorkerMirrored's collectives.
+        self.jit_compile = cfg.train.compile and self.strategy is tf.distribute.get_strategy()
+        if cfg.train.compile and not self.jit_compile:
             log.warning("train.compile: XLA is not used under %s; the step runs as a graph", type(self.strategy).__name__)
         self._step = tf.function(self._distributed_step, jit_compile=self.jit_compile)
 

@@ -49,7 +49,7 @@ class TorchBackend:
         self.netG.to(self.device, dtype, memory_format=layout)
         self.netD.to(self.device, dtype, memory_format=layout)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
-        self.compiled = train.compile is True  # auto: eager (bench/RESULTS.md: no faster, 40 s to compile)
+        self.compiled = train.compile
         self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
         self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
