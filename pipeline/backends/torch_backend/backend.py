@@ -275,6 +275,7 @@ class TorchBackend:
             "precision": self.precision.describe(),
             "layout": "channels_last" if self.cfg.train.channels_last else "contiguous (NCHW)",
             "compiled": self.compiled,
+            "threads": torch.get_num_threads(),
         }
         if self.device_cache is not None:  # decided when the loop asked for batches
             info["data_feed"] = "resident in device memory" if self.device_cache else "prefetched by a thread"
