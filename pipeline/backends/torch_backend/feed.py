@@ -76,7 +76,7 @@ def to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32, channels_
 
 
 def to_device(batch: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A host uint8 NHWC batch -> float NCHW on `device` (evaluation, benchmarks)."""
+    """A host uint8 NHWC batch -> float NCHW on `device`, in one call (bench/feed.py)."""
     pixels = torch.from_numpy(np.ascontiguousarray(batch))
     if device.type == "cuda":
         pixels = pixels.pin_memory()
