@@ -250,15 +250,21 @@ def measure_baseline(case: Case, images_root: Path, device: str, steps: int) -> 
         log_lines.append(f"Loss_D: {errD.item():.4f} Loss_G: {errG.item():.4f} D(x): {D_x:.4f} D(G(z)): {D_G_z1:.4f} / {D_G_z2:.4f}")
 
     batches = (data for _ in itertools.count() for data in loader)  # epoch after epoch, as its loop runs
-    warmup = max(2, steps // 3)
+    warmup, timed = _split(steps)
     for _ in range(warmup):
         step(next(batches))
     _sync(device)
     started = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(timed):
         step(next(batches))
     _sync(device)
-    return steps * case.batch / (time.perf_counter() - started)
+    return timed * case.batch / (time.perf_counter() - started)
+
+
+def _split(steps: int) -> tuple[int, int]:
+    """(warm-up, timed) steps: the first third warms up, as the dry run's first log window does."""
+    warmup = max(1, steps // 3)
+    return warmup, max(1, steps - warmup)
 
 
 def measure_bare(case: Case, device: str, steps: int) -> float:
@@ -298,14 +304,15 @@ def measure_bare(case: Case, device: str, steps: int) -> float:
         optG.step()
         netD.requires_grad_(True)
 
-    for _ in range(max(3, steps // 3)):
+    warmup, timed = _split(steps)
+    for _ in range(warmup):
         step()
     _sync(device)
     started = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(timed):
         step()
     _sync(device)
-    return steps * case.batch / (time.perf_counter() - started)
+    return timed * case.batch / (time.perf_counter() - started)
 
 
 def _child(spec: dict[str, Any]) -> None:
@@ -394,8 +401,10 @@ def targets(rows: list[Row], preset: str) -> list[dict[str, Any]]:
         checks = [
             ("torch / canonical example (64 px, batch 64)", Case("ours", 64, 64), Case("baseline", 64, 64), 2.0),
             ("tensorflow / canonical example", Case("ours", 64, 64, "tensorflow"), Case("baseline", 64, 64), 1.5),
-            ("Ray 1 worker / local runner (same threads)", Case("ours", 64, 64, runner="ray", workers=1, threads=os.cpu_count()),
+            ("Ray 1 worker / local runner, all cores", Case("ours", 64, 64, runner="ray", workers=1, threads=os.cpu_count()),
              Case("ours", 64, 64), 0.95),
+            ("Ray 1 worker / local runner, 1 thread each", Case("ours", 64, 64, runner="ray", workers=1, threads=1),
+             Case("ours", 64, 64, threads=1), 0.95),
             ("Ray 2 workers x 1 thread / 1 worker x 1 thread", Case("ours", 64, 64, runner="ray", workers=2, threads=1),
              Case("ours", 64, 64, runner="ray", workers=1, threads=1), 1.7),
         ]  # fmt: skip
@@ -411,7 +420,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["cpu", "gpu", "full"], default=None, help="default: gpu on CUDA, else cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 9 on CPU, 30 on a GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per row, the first third warm-up (default 9 on CPU, 30 on a GPU)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2 on CPU, 1 on a GPU)")
     parser.add_argument("--images", type=int, default=2048, help="JPEGs in the folder every row reads")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="only these image sizes")
