@@ -118,7 +118,7 @@ class TrainSection(_Section):
     compile: bool = Field(
         False,
         description="torch: torch.compile G and D; TensorFlow: XLA jit_compile of the step (one device per worker). "
-        "Off: on our CPU, torch.compile was no faster (and takes 40 s), and XLA, 1.7x faster for TensorFlow, "
+        "Off: on our CPU, torch.compile was not reliably faster (and takes 40 s), and XLA, 1.8x faster for TensorFlow, "
         "ended the digits quality run worse (bench/RESULTS.md).",
     )
     max_failures: int = Field(
