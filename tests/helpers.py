@@ -34,34 +34,45 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPr
 
 
 def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None):
-    """The product's Ray worker, recording the indices each rank reads; optionally one rank
-    sends itself `sig` once, in the middle of step `kill_at_step` of the first attempt.
-    `before(rank, loop_config)` runs first on every rank."""
+    """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
+    optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
+    first attempt. `before(rank, loop_config)` runs first on every rank.
+
+    The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
+    indices are queued when read and recorded when their step takes the batch."""
 
     def train_fn(loop_config):
+        from collections import deque
+
         import ray.train
 
         from pipeline import ray_runner
+        from pipeline.backends.torch_backend import TorchBackend
         from pipeline.data.shards import ShardedImages
 
         rank = ray.train.get_context().get_world_rank()
         if before is not None:
             before(rank, loop_config)
-        original, seen = ShardedImages.gather, []
+        original_gather, original_step = ShardedImages.gather, TorchBackend.train_step
+        read, seen = deque(), []
         killed_once = trace_dir / "killed"
 
         def gather(self, indices):
-            seen.append(np.asarray(indices).copy())
+            read.append(np.asarray(indices).copy())
+            return original_gather(self, indices)
+
+        def train_step(self, batch, step):
+            seen.append(read.popleft())
             if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
                 killed_once.touch()
                 os.kill(os.getpid(), sig)
-            return original(self, indices)
+            return original_step(self, batch, step)
 
-        ShardedImages.gather = gather
+        ShardedImages.gather, TorchBackend.train_step = gather, train_step
         try:
             ray_runner._worker(loop_config)
         finally:
-            ShardedImages.gather = original
+            ShardedImages.gather, TorchBackend.train_step = original_gather, original_step
             if seen:
                 np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
 
