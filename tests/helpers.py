@@ -33,13 +33,16 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
-def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None):
+def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None,
+                  framework: str = "torch"):
     """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
     optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
     first attempt. `before(rank, loop_config)` runs first on every rank.
 
     The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
-    indices are queued when read and recorded when their step takes the batch."""
+    indices are queued when read and recorded when their step takes the batch. For
+    framework="tensorflow" (tf.data prefetches too; its worker must not import torch) they are
+    recorded, and the signal sent, when read."""
 
     def train_fn(loop_config):
         from collections import deque
@@ -47,15 +50,39 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
         import ray.train
 
         from pipeline import ray_runner
-        from pipeline.backends.torch_backend import TorchBackend
         from pipeline.data.shards import ShardedImages
 
         rank = ray.train.get_context().get_world_rank()
         if before is not None:
             before(rank, loop_config)
-        original_gather, original_step = ShardedImages.gather, TorchBackend.train_step
+        original_gather = ShardedImages.gather
         read, seen = deque(), []
         killed_once = trace_dir / "killed"
+
+        def kill_if_due() -> None:
+            if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
+                killed_once.touch()
+                os.kill(os.getpid(), sig)
+
+        if framework == "tensorflow":
+
+            def gather(self, indices):
+                seen.append(np.asarray(indices).copy())
+                kill_if_due()
+                return original_gather(self, indices)
+
+            ShardedImages.gather = gather
+            try:
+                ray_runner._worker(loop_config)
+            finally:
+                ShardedImages.gather = original_gather
+                if seen:
+                    np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
+            return
+
+        from pipeline.backends.torch_backend import TorchBackend
+
+        original_step = TorchBackend.train_step
 
         def gather(self, indices):
             read.append(np.asarray(indices).copy())
@@ -63,9 +90,7 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         def train_step(self, batch, step):
             seen.append(read.popleft())
-            if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
-                killed_once.touch()
-                os.kill(os.getpid(), sig)
+            kill_if_due()
             return original_step(self, batch, step)
 
         ShardedImages.gather, TorchBackend.train_step = gather, train_step

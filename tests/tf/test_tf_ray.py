@@ -101,7 +101,7 @@ def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_r
     stopped = config("tf-sigterm", max_failures=1)
     traces = tmp_path / "traces"
     traces.mkdir()
-    metrics = ray_runner.run(plan(stopped), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=3, sig=signal.SIGTERM))
+    metrics = ray_runner.run(plan(stopped), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=3, sig=signal.SIGTERM, framework="tensorflow"))
     assert (traces / "killed").exists() and metrics["step"] == 8
     steps = sorted(int(p.name[5:]) for p in (stopped.run_dir / "checkpoints").glob("step-*"))
     assert len(steps) == 2 and 0 < steps[0] < 8 and steps[1] == 8, steps  # the stop's checkpoint, then the end
