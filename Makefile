@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install only when the project's dependencies change; the stamp records that.
 STAMP := $(VENV)/.installed
 
-.PHONY: dryrun test bench gpu-wheels install clean
+.PHONY: dryrun test bench gpu-wheels install horovod clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Horovod (distributed.strategy: horovod), built for this .venv's PyTorch from the patched
+# 0.28.1 sdist; the wheel is cached in .cache/horovod (third_party/horovod/build.sh says how).
+HOROVOD_STAMP := $(VENV)/.horovod
+$(HOROVOD_STAMP): $(STAMP) third_party/horovod/build.sh third_party/horovod/cxx20.patch third_party/horovod/partial-cuda-toolkit.patch
+	third_party/horovod/build.sh $(BIN)/python
+	touch $(HOROVOD_STAMP)
+
+horovod: $(HOROVOD_STAMP)
 
 # make dryrun BACKEND=tensorflow runs the same dry run with the TensorFlow backend.
 BACKEND ?= torch
@@ -22,7 +31,7 @@ dryrun: $(STAMP)
 	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
 # Two processes: torch and TensorFlow never share one (docs/ARCHITECTURE.md, traps).
-test: $(STAMP)
+test: $(STAMP) $(HOROVOD_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/tf $(PYTEST_ARGS)
 

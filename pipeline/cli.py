@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from pipeline.backends.base import NonFiniteError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.horovod_runner import PlanFailed  # horovod itself is imported only when the runner is used
 from pipeline.lease import LeaseHeld
 from pipeline.loop import Preempted
 from pipeline.ray_runner import RunFailed  # ray itself is imported only when the runner is used
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--dry-run", action="store_true", help="a few steps in <run>-dryrun, a checkpoint round trip, a report")
     train.add_argument(
-        "--runner", choices=["local", "ray"],
-        help="override runtime.runner: local = one in-process rank (debugging, profiling), ray = Ray Train",
+        "--runner", choices=["local", "ray", "horovodrun"],
+        help="override runtime.runner: local = one in-process rank (debugging, profiling), ray = Ray Train, "
+        "horovodrun = the processes horovodrun started (launch/horovod.sh)",
     )  # fmt: skip
     train.add_argument("--dry-run-steps", type=int, default=None, metavar="N", help="steps of the dry run (default 12)")
     start = train.add_mutually_exclusive_group()
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from pipeline import config, storage
     from pipeline.dryrun import DEFAULT_STEPS, print_report
-    from pipeline.job import StartOptions, plan, run_dir_name
+    from pipeline.job import Job, StartOptions, plan, run_dir_name
     from pipeline.lease import RunLease
 
     overrides = args.overrides + ([f"runtime.runner={args.runner}"] if args.runner else [])
@@ -107,10 +110,23 @@ def _train(args: argparse.Namespace) -> int:
 
         check_local_devices(cfg)
     options = StartOptions(fresh=args.fresh, resume=args.resume)
-    # One writer per run: the lease is held before anything in the run directory changes.
-    with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):
-        job = plan(cfg, options, dry_run_steps)
-        result = _runner(cfg)(job)
+
+    @contextmanager
+    def planned() -> Iterator[Job]:
+        # One writer per run: the lease is held before anything in the run directory changes.
+        with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):
+            yield plan(cfg, options, dry_run_steps)
+
+    if cfg.runtime.runner == "horovodrun":
+        from pipeline import horovod_runner
+
+        outcome = horovod_runner.run(planned)  # every process plans through rank 0
+        if outcome is None:
+            return 0  # not rank 0: the chief reports
+        job, result = outcome
+    else:
+        with planned() as job:
+            result = _runner(cfg)(job)
     if dry_run_steps is not None:
         print_report(result)
     else:
@@ -249,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Preempted as err:
         print(f"stopped: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (NonFiniteError, RunFailed) as err:
+    except (NonFiniteError, RunFailed, PlanFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

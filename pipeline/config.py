@@ -194,9 +194,19 @@ class ScalingSection(_Section):
     cpus_per_worker: float = Field(1, gt=0, description="Ray runner: CPUs reserved (and torch threads) per worker.")
 
 
+class DistributedSection(_Section):
+    strategy: Literal["ddp", "horovod"] = Field(
+        "ddp",
+        description="How the torch backend's ranks reduce gradients: ddp (DistributedDataParallel) or horovod "
+        "(hvd.DistributedOptimizer; `make horovod` builds it). TensorFlow always uses tf.distribute.",
+    )
+
+
 class RuntimeSection(_Section):
-    runner: Literal["local", "ray"] = Field(
-        "local", description="local = one in-process rank (debugging, profiling); ray = Ray Train workers."
+    runner: Literal["local", "ray", "horovodrun"] = Field(
+        "local",
+        description="local = one in-process rank (debugging, profiling); ray = Ray Train workers; horovodrun = "
+        "the processes horovodrun started (launch/horovod.sh), with distributed.strategy=horovod.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
@@ -229,6 +239,7 @@ class Config(_Section):
     logging: LoggingSection = LoggingSection()
     eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
+    distributed: DistributedSection = DistributedSection()
     runtime: RuntimeSection = RuntimeSection()
 
     @model_validator(mode="after")
@@ -256,6 +267,21 @@ class Config(_Section):
                 f"eval.every={self.eval.every} with InceptionV3 features needs eval.inception_weights: the path of "
                 "the standard FID weights file (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity / "
                 "pytorch-fid releases); nothing is downloaded at run time"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _horovod_is_torch_only(self) -> "Config":
+        if self.distributed.strategy == "horovod" and self.backend != "torch":
+            raise ValueError(
+                f"distributed.strategy='horovod' with backend={self.backend!r}: Horovod trains the torch backend only "
+                "(its 0.28.1 TensorFlow ops do not compile against TensorFlow 2.21); TensorFlow trains with "
+                "tf.distribute (MirroredStrategy, MultiWorkerMirroredStrategy under the Ray runner)"
+            )
+        if self.runtime.runner == "horovodrun" and self.distributed.strategy != "horovod":
+            raise ValueError(
+                f"runtime.runner='horovodrun' needs distributed.strategy='horovod', not {self.distributed.strategy!r}: "
+                "horovodrun's processes join through Horovod (launch/horovod.sh sets both)"
             )
         return self
 

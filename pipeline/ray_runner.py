@@ -2,7 +2,7 @@
 
 The driver (the `dcgan train` process) gets a planned Job (pipeline.job: input checked, data
 prepared, start settled) and ships it unchanged to every rank through Ray Train's
-TorchTrainer or TensorflowTrainer; it does not know whether the job trains or dry-runs.
+TorchTrainer, HorovodTrainer or TensorflowTrainer; it does not know whether the job trains or dry-runs.
 
 Checkpoints live in the run's own storage under our protocol (pipeline.checkpoint), written
 by rank 0. What rank 0 reports to Ray is a pointer to that checkpoint, so Ray's
@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -58,8 +59,9 @@ def _connect(job: Job) -> None:
     cfg = job.cfg
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": _train_api_env(cfg)}  # the workers import ray.train too
     if cfg.runtime.ray_address:
-        ray.init(address=cfg.runtime.ray_address, logging_level=logging.WARNING)
+        ray.init(address=cfg.runtime.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
     # A new local Ray, reachable on loopback only. Its CPUs are logical: reserve enough for
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
@@ -69,7 +71,24 @@ def _connect(job: Job) -> None:
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",  # the dashboard serves the state API Ray Train polls
         logging_level=logging.WARNING,
+        runtime_env=runtime_env,
     )
+
+
+def _train_api_env(cfg: Config) -> dict[str, str]:
+    """Which Ray Train API the job uses, as the environment variable every process reads when
+    it imports ray.train. Horovod runs under Ray Train's HorovodTrainer, which Train V2 (Ray
+    2.60's default) no longer has: that job runs on the V1 API (docs/ARCHITECTURE.md)."""
+    if cfg.distributed.strategy != "horovod":
+        return {}
+    env = {"RAY_TRAIN_V2_ENABLED": "0"}
+    if "ray.train" in sys.modules and os.environ.get("RAY_TRAIN_V2_ENABLED") != "0":
+        raise RuntimeError(
+            "distributed.strategy=horovod on Ray needs Ray Train's V1 API, but this process imported ray.train "
+            "with V2 already: start it with RAY_TRAIN_V2_ENABLED=0"
+        )
+    os.environ.update(env)
+    return env
 
 
 def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
@@ -125,7 +144,8 @@ def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
 
 
 def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable):
-    """TorchTrainer (torch process group ready) or TensorflowTrainer (TF_CONFIG set); Ray's
+    """TorchTrainer (torch process group ready), HorovodTrainer (Horovod's rendezvous ready) or
+    TensorflowTrainer (TF_CONFIG set), by backend and distributed.strategy; Ray's
     experiment directory is <run>/.ray/<fit_name>, one per fit."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
@@ -135,6 +155,8 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
 
         import_tensorflow()  # before Ray's module imports it, so its banners stay quiet here
         from ray.train.tensorflow import TensorflowTrainer as Trainer
+    elif cfg.distributed.strategy == "horovod":
+        from ray.train.horovod import HorovodTrainer as Trainer  # Horovod's gloo rendezvous, hvd.init() ready
     else:
         from ray.train.torch import TorchTrainer as Trainer
 
@@ -257,7 +279,8 @@ def _catch_sigterm() -> None:
         _install_sigterm_handler()
         return
     actor = ray.get_runtime_context().current_actor
-    ray.get(actor.execute.remote(_install_sigterm_handler))
+    execute = getattr(actor, "execute", None) or actor._RayTrainWorker__execute  # Train V2, or V1 (Horovod)
+    ray.get(execute.remote(_install_sigterm_handler))
 
 
 def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
@@ -266,7 +289,9 @@ def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
         rank), or the driver's request (its STOP file in the run directory)."""
         import ray.train
 
-        preempted = ray.train.get_preemption_info() is not None
+        # Train V1 (the Horovod path) has no preemption notices: a drain arrives as SIGTERM.
+        preemption_info = getattr(ray.train, "get_preemption_info", lambda: None)
+        preempted = preemption_info() is not None
         return _SIGTERM.is_set() or preempted or run_dir.exists(STOP_FILE)
 
     return stop_requested

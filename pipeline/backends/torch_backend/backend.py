@@ -1,4 +1,5 @@
-"""The PyTorch implementation of the Backend protocol: one rank, DDP-wrapped when there are several."""
+"""The PyTorch implementation of the Backend protocol: one rank of a data-parallel strategy
+(distributed.strategy: DDP or Horovod, behind parallel.DataParallel)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
-from pipeline.backends.torch_backend import distributed, feed, weights
+from pipeline.backends.torch_backend import feed, parallel, weights
 from pipeline.backends.torch_backend.average import GeneratorAverage
 from pipeline.backends.torch_backend.device import make_deterministic, pick_device, resolve_precision
 from pipeline.backends.torch_backend.feed import to_uint8_images
@@ -45,18 +46,21 @@ class TorchBackend:
         self.netG, self.netD = build_models(
             model.nz, model.ngf, model.ndf, cfg.data.channels, cfg.data.image_size, ctx.init_seed(train.seed)
         )
-        layout = torch.channels_last if train.channels_last else torch.preserve_format
+        self.parallel = parallel.create(cfg.distributed.strategy, ctx.rank, ctx.world_size, self.device)
+        # The activations follow the input's layout; the weights' layout is the strategy's to allow.
+        self.channels_last_weights = train.channels_last and self.parallel.channels_last_weights
+        layout = torch.channels_last if self.channels_last_weights else torch.preserve_format
         self.netG.to(self.device, dtype, memory_format=layout)
         self.netD.to(self.device, dtype, memory_format=layout)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
         self.compiled = train.compile
-        self.trainG = distributed.wrap(self.netG, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
-        self.trainD = distributed.wrap(self.netD, self.device, ctx.world_size, model.sync_batchnorm, self.compiled)
+        self.trainG = self.parallel.wrap(self.netG, model.sync_batchnorm, self.compiled)
+        self.trainD = self.parallel.wrap(self.netD, model.sync_batchnorm, self.compiled)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
         # which keeps the non-finite guard free of host syncs (see _step).
         adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
-        self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
-        self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
+        self.optG = self.parallel.distributed_optimizer(torch.optim.Adam(self.netG.parameters(), **adam), self.netG)
+        self.optD = self.parallel.distributed_optimizer(torch.optim.Adam(self.netD.parameters(), **adam), self.netD)
         self.precision = resolve_precision(train.precision, self.device)
         self.fp16 = self.precision.name == "fp16"
         # Under fp16 a dynamic loss scale. Otherwise the scale stays exactly 1 (update(1.0) in
@@ -73,6 +77,7 @@ class TorchBackend:
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
         fixed = torch.Generator().manual_seed(ctx.fixed_noise_seed(train.seed))
         self.fixed_noise = torch.randn(cfg.logging.num_samples, model.nz, 1, 1, generator=fixed).to(self.device, dtype)
+        self._broadcast_state()
 
     # --- training ------------------------------------------------------------------------
 
@@ -86,21 +91,22 @@ class TorchBackend:
     def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, params) -> torch.Tensor:
         """Backward and update, skipped on every rank when the loss or a gradient is not finite;
         returns that flag as a device tensor (no host sync)."""
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()  # set_to_none, torch's default (Horovod's optimizer takes no arguments)
         loss_bad = ~torch.isfinite(loss.detach())
         # A NaN-seeded backward turns a non-finite loss into NaN gradients (an inf loss can have
         # finite ones), and DDP's all-reduce hands them to every rank: all ranks skip together.
         self.scaler.scale(loss * torch.where(loss_bad, torch.nan, 1.0)).backward()
-        if self.fp16:
-            # Under float16 an overflowing gradient is routine: the scaler skips that update
-            # and lowers its scale. Only a non-finite loss counts as a failure.
-            self.scaler.step(optimizer)
-            return loss_bad.float()
-        self.scaler.unscale_(optimizer)  # a multiplication by 1 that records non-finite gradients
-        grads = [p.grad for p in params if p.grad is not None]
-        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
-        self.scaler.step(optimizer)  # skipped when unscale_ found a non-finite gradient
-        return bad
+        with self.parallel.gradients_reduced(optimizer):
+            if self.fp16:
+                # Under float16 an overflowing gradient is routine: the scaler skips that update
+                # and lowers its scale. Only a non-finite loss counts as a failure.
+                self.scaler.step(optimizer)
+                return loss_bad.float()
+            self.scaler.unscale_(optimizer)  # a multiplication by 1 that records non-finite gradients
+            grads = [p.grad for p in params if p.grad is not None]
+            bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+            self.scaler.step(optimizer)  # skipped when unscale_ found a non-finite gradient
+            return bad
 
     def _noise(self, step: int) -> torch.Tensor:
         """This rank's slice of the global batch's noise for `step` (see RankContext.step_noise_seed)."""
@@ -128,7 +134,7 @@ class TorchBackend:
         # G's phase needs gradients through D but not for D: no D gradients, no D all-reduce.
         self.netD.requires_grad_(False)
         try:
-            with self.autocast, distributed.no_sync(self.trainD):
+            with self.autocast, self.parallel.no_sync(self.trainD):
                 logits_gen = self.trainD(fake)
                 loss_g = self.bce(logits_gen, torch.ones_like(logits_gen))
             bad_g = self._step(self.optG, loss_g, self.netG.parameters())
@@ -149,18 +155,18 @@ class TorchBackend:
         """One all-reduce and one device-to-host copy for all metrics: the mean over ranks."""
         names = list(metrics)
         values = torch.stack([torch.as_tensor(metrics[n], device=self.device).float() for n in names])
-        values = distributed.mean_over_ranks(values, self.ctx.world_size)
+        values = self.parallel.mean_over_ranks(values)
         return dict(zip(names, values.cpu().tolist()))
 
     def any_rank(self, flag: bool) -> bool:
-        return distributed.any_rank(flag, self.device, self.ctx.world_size)
+        return self.parallel.any_rank(flag)
 
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over ranks, then prove every replica identical."""
         averaged = (self.netG_ema.module,) if self.netG_ema is not None else ()  # its BatchNorm statistics too
-        distributed.synchronize_buffers((self.netG, self.netD, *averaged), self.ctx.world_size)
+        self.parallel.synchronize_buffers((self.netG, self.netD, *averaged))
         shared = {k: v for k, v in self._payload().items() if k != RNG_FILE}  # RNG is per rank
-        mismatch = distributed.first_mismatch(list(_tensors(shared)), self.ctx.world_size)
+        mismatch = self.parallel.first_mismatch(list(_tensors(shared)))
         if mismatch is not None:
             raise ReplicaMismatchError(
                 f"data-parallel replicas differ before a checkpoint: first differing tensor {mismatch}"
@@ -242,6 +248,13 @@ class TorchBackend:
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         self.fixed_noise = rng["fixed_noise"].to(self.device)
+        self._broadcast_state()
+
+    def _broadcast_state(self) -> None:
+        """Rank 0's networks and optimizer state on every rank, where the strategy does not
+        already guarantee it (at the start, and after a checkpoint loads)."""
+        averaged = (self.netG_ema.module,) if self.netG_ema is not None else ()
+        self.parallel.broadcast_state((self.netG, self.netD, *averaged), (self.optG, self.optD))
 
     def _load_average(self, directory: Path) -> None:
         """The saved average, or G itself when the checkpoint kept none (EMA switched on later)."""
@@ -273,7 +286,7 @@ class TorchBackend:
             "framework": f"torch {torch.__version__}",
             "device": str(self.device),
             "precision": self.precision.describe(),
-            "layout": "channels_last" if self.cfg.train.channels_last else "contiguous (NCHW)",
+            "layout": _layout(self.cfg.train.channels_last, self.channels_last_weights),
             "compiled": self.compiled,
             "threads": torch.get_num_threads(),
         }
@@ -289,7 +302,13 @@ class TorchBackend:
 
     def close(self) -> None:
         self.trainG = self.trainD = None  # drop the DDP reducers before the process group goes
-        distributed.release(self.ctx.world_size)
+        self.parallel.close()
+
+
+def _layout(activations: bool, weights: bool) -> str:
+    if not activations:
+        return "contiguous (NCHW)"
+    return "channels_last" if weights else "channels_last activations, contiguous weights (the strategy's)"
 
 
 def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
