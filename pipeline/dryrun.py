@@ -97,6 +97,11 @@ def _check_reload(cfg: Config, expected: dict[str, str], checkpoint: Path) -> in
     return len(expected)
 
 
+def _over(info: dict) -> str:
+    """How the ranks cooperate, where there are several (a backend may not say)."""
+    return f" ({info['data_parallel']})" if info.get("data_parallel") else ""
+
+
 def _mib(value: float) -> str:
     return f"{value / 2**20:,.0f} MiB"
 
@@ -122,7 +127,7 @@ def print_report(report: dict[str, Any], console: Optional[Console] = None) -> N
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # paths wrap whole instead of being cut short
     rows = [
-        ("backend", f"{info['framework']} on {info.get('device_name', info['device'])}, {ranks} rank(s)"),
+        ("backend", f"{info['framework']} on {info.get('device_name', info['device'])}, {ranks} rank(s){_over(info)}"),
         ("data", report["data"]),
         ("parameters", f"G {params['generator']:,}  D {params['discriminator']:,}"),
         ("precision", info.get("precision", "fp32")),

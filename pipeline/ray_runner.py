@@ -159,6 +159,9 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
         from ray.train.horovod import HorovodTrainer as Trainer  # Horovod's gloo rendezvous, hvd.init() ready
     else:
         from ray.train.torch import TorchTrainer as Trainer
+    # Train V1 (the Horovod path) also reserves a CPU for its coordinating actor, which only
+    # waits on the workers: without this a cluster sized for the workers would never start them.
+    coordinator = {"trainer_resources": {"CPU": 0}} if cfg.distributed.strategy == "horovod" else {}
 
     return Trainer(
         train_fn,
@@ -167,6 +170,7 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            **coordinator,
         ),
         run_config=RunConfig(
             name=fit_name,

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -105,16 +105,17 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
 
 @contextmanager
-def local_ray(test_module: str, num_gpus: int = 0) -> Iterator[None]:
+def local_ray(test_module: str, num_gpus: int = 0, env_vars: Optional[dict[str, str]] = None) -> Iterator[None]:
     """A real Ray on 127.0.0.1 with 4 logical CPUs for one test module. The module's closures
     and this one's (workers wrapped to observe or kill) are shipped to Ray's workers by value.
     `num_gpus` declares GPUs the machine need not have: Ray assigns them to workers (ids,
-    CUDA_VISIBLE_DEVICES) exactly as it would real ones."""
+    CUDA_VISIBLE_DEVICES) exactly as it would real ones. `env_vars`: for every worker process."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[test_module])
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # traced_worker
-    ray.init(num_cpus=4, num_gpus=num_gpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(num_cpus=4, num_gpus=num_gpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING, runtime_env={"env_vars": env_vars or {}})  # fmt: skip
     try:
         yield
     finally:

@@ -285,6 +285,7 @@ class TorchBackend:
         info: dict[str, Any] = {
             "framework": f"torch {torch.__version__}",
             "device": str(self.device),
+            "data_parallel": self.parallel.name if self.ctx.world_size > 1 else None,
             "precision": self.precision.describe(),
             "layout": _layout(self.cfg.train.channels_last, self.channels_last_weights),
             "compiled": self.compiled,
