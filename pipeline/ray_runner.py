@@ -283,8 +283,13 @@ def _catch_sigterm() -> None:
         _install_sigterm_handler()
         return
     actor = ray.get_runtime_context().current_actor
-    execute = getattr(actor, "execute", None) or actor._RayTrainWorker__execute  # Train V2, or V1 (Horovod)
-    ray.get(execute.remote(_install_sigterm_handler))
+    if not hasattr(actor, "execute"):
+        # Train V1 (the Horovod path): the actor's thread waits for this one's results, so it
+        # cannot run the installer. A SIGTERM to a worker then ends it, and Ray restarts the
+        # group from the last checkpoint (train.max_failures); the driver's STOP still works.
+        log.info("Ray Train V1: SIGTERM to this worker is not caught")
+        return
+    ray.get(actor.execute.remote(_install_sigterm_handler))
 
 
 def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
@@ -293,7 +298,7 @@ def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
         rank), or the driver's request (its STOP file in the run directory)."""
         import ray.train
 
-        # Train V1 (the Horovod path) has no preemption notices: a drain arrives as SIGTERM.
+        # Train V1 (the Horovod path) has no preemption notices.
         preemption_info = getattr(ray.train, "get_preemption_info", lambda: None)
         preempted = preemption_info() is not None
         return _SIGTERM.is_set() or preempted or run_dir.exists(STOP_FILE)
