@@ -11,9 +11,26 @@ COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 pipeline ./pipeline
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels .
 
+# --- horovod: the GPU variant (NCCL operations) for distributed.strategy: horovod --------------
+# Built against the base image's CUDA toolkit (a devel one) and the NCCL of torch's wheels, by
+# the same script and patches as `make horovod` (third_party/horovod/build.sh).
+FROM rayproject/ray:2.60.0-py311-gpu AS horovod
+USER root
+# The compiler, CMake and patch of the base image's Ubuntu release (a build stage: nothing of it ships).
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ cmake patch \
+    && rm -rf /var/lib/apt/lists/*
+USER 1000:100
+WORKDIR /src
+RUN pip install --no-cache-dir "torch==2.14.1"
+COPY --chown=1000:100 third_party/horovod ./third_party/horovod
+RUN HOROVOD_VARIANT=gpu CUDA_HOME=/usr/local/cuda HOROVOD_WHEEL_CACHE=/tmp/horovod \
+    bash third_party/horovod/build.sh "$(command -v python)"
+
 # --- runtime -----------------------------------------------------------------------------------
 FROM rayproject/ray:2.60.0-py311-gpu
 COPY --from=build --chown=1000:100 /tmp/wheels /tmp/wheels
+COPY --from=horovod --chown=1000:100 /tmp/horovod /tmp/wheels
 # tensorflow[and-cuda] brings TensorFlow's CUDA 12 libraries as wheels (plain `tensorflow` finds
 # none and trains on the CPU); torch brings its own CUDA 13 ones. pip resolves the two sets side
 # by side (a dry-run resolve of this line finds no conflict). The node's driver must support CUDA 13.

@@ -9,10 +9,12 @@ would. A planning error on rank 0 ends every process with its message.
 
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Callable, Optional
 
+from pipeline.config import ConfigError
 from pipeline.context import RankContext
 from pipeline.job import Job
 
@@ -23,6 +25,11 @@ class PlanFailed(RuntimeError):
 
 def rank_context() -> RankContext:
     """This process's place among horovodrun's (the device follows runtime.device and the local rank)."""
+    if "HOROVOD_RANK" not in os.environ:  # hvd.init() would quietly make a job of one
+        raise ConfigError(
+            "runtime.runner='horovodrun' runs in the processes horovodrun starts, and this one was not: "
+            "use launch/horovod.sh CONFIG [-np N], or another runtime.runner"
+        )
     import horovod.torch as hvd
 
     hvd.init()

@@ -122,6 +122,22 @@ def local_ray(test_module: str, num_gpus: int = 0, env_vars: Optional[dict[str, 
         ray.shutdown()
 
 
+def checkpoint_tensors(run_dir: Path, step: int) -> dict:
+    """G, D and both Adams' moments of a torch checkpoint, by name (torch tensors; torch is imported here
+    because the TensorFlow tests import this module too)."""
+    import torch
+
+    directory = run_dir / "checkpoints" / f"step-{step:08d}"
+    state = {}
+    for name in ("generator.pt", "discriminator.pt"):
+        state.update({f"{name}:{k}": v for k, v in torch.load(directory / name, weights_only=True).items()})
+    optimizers = torch.load(directory / "optimizers.pt", weights_only=True)
+    for net in ("generator", "discriminator"):
+        for index, slots in optimizers[net]["state"].items():
+            state.update({f"{net}-adam:{index}:{k}": v for k, v in slots.items()})
+    return state
+
+
 def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} through TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

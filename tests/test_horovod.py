@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import Config
 from tests.conftest import small_config
-from tests.helpers import ROOT, dcgan, read_scalars, write_config
+from tests.helpers import ROOT, checkpoint_tensors, dcgan, read_scalars, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +37,7 @@ def launch(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def checkpoint_state(cfg: Config, step: int) -> dict[str, torch.Tensor]:
-    directory = cfg.run_dir / "checkpoints" / f"step-{step:08d}"
-    state = {}
-    for name in ("generator.pt", "discriminator.pt"):
-        state.update({f"{name}:{k}": v for k, v in torch.load(directory / name, weights_only=True).items()})
-    optimizers = torch.load(directory / "optimizers.pt", weights_only=True)
-    for net in ("generator", "discriminator"):
-        for index, slots in optimizers[net]["state"].items():
-            state.update({f"{net}-adam:{index}:{k}": v for k, v in slots.items()})
-    return state
+    return checkpoint_tensors(cfg.run_dir, step)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
@@ -116,3 +108,23 @@ def test_on_ray_a_sigkilled_horovod_worker_resumes_from_the_last_checkpoint(tmp_
     lengths = sorted(len(np.load(p)) for p in traces.glob("rank*-pid*.npy"))
     assert lengths[-2:] == [8, 8], lengths
     assert_same(checkpoint_state(reference, 12), checkpoint_state(killed, 12), "differs from the uninterrupted run")
+
+
+def test_the_horovodrun_runner_outside_horovodrun_is_refused_naming_the_launcher(tmp_path: Path):
+    cfg = horovod_config(tmp_path, "alone", 4, distributed={"strategy": "horovod"}, runtime={"runner": "horovodrun"})
+    done = dcgan("train", "--config", write_config(tmp_path / "alone.yaml", cfg), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "runtime.runner='horovodrun'" in done.stderr and "launch/horovod.sh" in done.stderr
+    assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_a_bad_start_on_rank_0_ends_every_process_with_its_message(tmp_path: Path):
+    cfg = horovod_config(tmp_path, "bad", 4)
+    missing = tmp_path / "no-such-checkpoint"
+    done = subprocess.run(["bash", ROOT / "launch/horovod.sh", write_config(tmp_path / "bad.yaml", cfg), "--", "--resume", missing],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert f"error: {missing}" in output or str(missing) in output  # rank 0: the checkpoint error itself
+    assert "rank 0 could not start the job" in output and str(missing) in output.split("rank 0 could not start the job")[1]
+    assert not (cfg.run_dir / "checkpoints").exists()

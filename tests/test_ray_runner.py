@@ -13,7 +13,7 @@ import torch
 from pipeline.config import Config
 from pipeline.job import plan
 from tests.conftest import small_config
-from tests.helpers import local_ray, traced_worker
+from tests.helpers import checkpoint_tensors, local_ray, traced_worker
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
@@ -39,15 +39,7 @@ def ray_config(tmp_path: Path, name: str, workers: int = 2, **sections) -> Confi
 
 
 def final_state(cfg: Config, step: int) -> dict[str, torch.Tensor]:
-    directory = cfg.run_dir / "checkpoints" / f"step-{step:08d}"
-    state = {}
-    for name in ("generator.pt", "discriminator.pt"):
-        state.update({f"{name}:{k}": v for k, v in torch.load(directory / name, weights_only=True).items()})
-    optimizers = torch.load(directory / "optimizers.pt", weights_only=True)
-    for net in ("generator", "discriminator"):
-        for index, slots in optimizers[net]["state"].items():
-            state.update({f"{net}-adam:{index}:{k}": v for k, v in slots.items()})
-    return state
+    return checkpoint_tensors(cfg.run_dir, step)
 
 
 def test_two_workers_read_disjoint_slices_covering_the_epoch(tmp_path: Path):

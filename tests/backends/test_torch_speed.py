@@ -59,6 +59,8 @@ def test_channels_last_trains_the_same_function_and_its_checkpoint_loads_anywher
     fresh = TorchBackend(small_config(tmp_path, train={"channels_last": False}), LOCAL)
     fresh.load(tmp_path)
     assert fresh.fingerprint() == nhwc.fingerprint()  # the bytes of the values, whatever the layout
+    # Adam's moments take the loading parameters' layout, as the fused step and Horovod's all-reduce need.
+    assert all(slots["exp_avg"].is_contiguous() for slots in fresh.optD.state.values())
 
 
 def test_bf16_autocast_trains_with_float32_weights(tmp_path: Path, images: ShardedImages):

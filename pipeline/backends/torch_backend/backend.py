@@ -94,7 +94,7 @@ class TorchBackend:
         optimizer.zero_grad()  # set_to_none, torch's default (Horovod's optimizer takes no arguments)
         loss_bad = ~torch.isfinite(loss.detach())
         # A NaN-seeded backward turns a non-finite loss into NaN gradients (an inf loss can have
-        # finite ones), and DDP's all-reduce hands them to every rank: all ranks skip together.
+        # finite ones), and the gradients' all-reduce hands them to every rank: all ranks skip together.
         self.scaler.scale(loss * torch.where(loss_bad, torch.nan, 1.0)).backward()
         with self.parallel.gradients_reduced(optimizer):
             if self.fp16:
@@ -238,8 +238,9 @@ class TorchBackend:
         optimizers = read(OPTIMIZERS_FILE)
         self.optG.load_state_dict(optimizers["generator"])
         self.optD.load_state_dict(optimizers["discriminator"])
-        for optimizer in (self.optG, self.optD):  # the config's rates, not the saved ones: a resume may change them
-            for group in optimizer.param_groups:
+        for optimizer in (self.optG, self.optD):
+            _match_parameter_layout(optimizer)
+            for group in optimizer.param_groups:  # the config's rates, not the saved ones: a resume may change them
                 group.update(lr=self.cfg.train.lr, betas=(self.cfg.train.beta1, self.cfg.train.beta2))
         if self.fp16:  # otherwise the scale is always 1
             self.scaler.load_state_dict(optimizers["scaler"])
@@ -304,6 +305,18 @@ class TorchBackend:
     def close(self) -> None:
         self.trainG = self.trainD = None  # drop the DDP reducers before the process group goes
         self.parallel.close()
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's moments in their parameter's memory layout: a checkpoint written with the other
+    layout (channels-last or contiguous weights: another setting, or another strategy) loads
+    its moments with the strides they were saved with."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape:
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def _layout(activations: bool, weights: bool) -> str:
