@@ -57,9 +57,10 @@ def _connect(job: Job) -> None:
     import ray
 
     cfg = job.cfg
+    train_api = _train_api_env(cfg)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": _train_api_env(cfg)}  # the workers import ray.train too
+    runtime_env = {"env_vars": train_api} if train_api else None  # the workers import ray.train too
     if cfg.runtime.ray_address:
         ray.init(address=cfg.runtime.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return

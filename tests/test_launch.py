@@ -67,6 +67,19 @@ def test_submit_streams_the_job_and_exits_with_its_status(head, tmp_path: Path):
     assert "train.steps" in failed.stdout + failed.stderr and "failed" in failed.stdout + failed.stderr
 
 
+def test_a_horovod_job_runs_on_the_cluster_through_the_jobs_api(head, tmp_path: Path):
+    """HorovodTrainer needs Ray Train V1 in the job's driver and in its workers: the driver's
+    ray.init hands the switch to the workers through the job's runtime environment."""
+    cfg = small_config(tmp_path, run={"name": "horovod"}, train={"steps": 4}, checkpoint={"every": 2, "keep": 2},
+                       scaling={"num_workers": 2}, distributed={"strategy": "horovod"}, runtime={"runner": "ray"})  # fmt: skip
+    done = submit(head, write_config(tmp_path / "horovod.yaml", cfg))
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs
+    assert "HorovodTrainer" in logs and "succeeded" in logs
+    manifest = json.loads((cfg.run_dir / "checkpoints" / "step-00000004" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["distributed"]["strategy"] == "horovod"
+
+
 def test_the_head_refuses_a_client_without_its_token(head):
     env, address = head
     wrong = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
