@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,27 @@ def test_a_bad_start_on_rank_0_ends_every_process_with_its_message(tmp_path: Pat
     assert f"error: {missing}" in output or str(missing) in output  # rank 0: the checkpoint error itself
     assert "rank 0 could not start the job" in output and str(missing) in output.split("rank 0 could not start the job")[1]
     assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_sigterm_to_horovodrun_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path: Path):
+    """horovodrun passes SIGTERM to every process and SIGKILLs them 5 s later: the ranks agree on
+    the next check step and checkpoint there within that time."""
+    cfg = horovod_config(tmp_path, "stopped", 100_000, checkpoint={"every": 100_000, "stop_check_every": 5})
+    config = write_config(tmp_path / "stopped.yaml", cfg)
+    log = tmp_path / "launch.log"
+    with log.open("w") as out:
+        job = subprocess.Popen(["bash", ROOT / "launch/horovod.sh", config], stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+        deadline = time.monotonic() + 240
+        while "step 6/100000" not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)  # launch/horovod.sh exec'd horovodrun
+        job.wait(timeout=120)
+    output = log.read_text()
+    assert "stopped on request" in output, output[-3000:]
+    stopped_at = int((cfg.run_dir / "checkpoints" / "LATEST").read_text().strip().split("-")[1])
+    assert stopped_at >= 10 and stopped_at % 5 == 0, stopped_at
+
+    rerun = launch(config, "--", "--set", f"train.steps={stopped_at + 2}")
+    assert f"(step {stopped_at}, written by 2 rank(s), now 2)" in rerun.stderr
+    assert (cfg.run_dir / "checkpoints" / f"step-{stopped_at + 2:08d}").is_dir()
