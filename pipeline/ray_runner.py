@@ -19,6 +19,7 @@ run at once, by name, instead of training into its own disk.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,6 +51,33 @@ PROBE_DIR = ".storage-check"
 RAY_DIR = ".ray"  # Ray Train's experiment directories, one per fit
 
 
+@dataclass(frozen=True)
+class RayTrainer:
+    """How Ray Train starts the ranks of one data-parallel strategy."""
+
+    path: str  # "module:Class" of its Trainer
+    env: dict[str, str] = field(default_factory=dict)  # for every process of the job (driver and workers)
+    scaling: dict[str, Any] = field(default_factory=dict)  # more ScalingConfig arguments
+
+
+# Keyed by the ranks' strategy: distributed.strategy for torch, tf.distribute for TensorFlow.
+RAY_TRAINERS = {
+    "ddp": RayTrainer("ray.train.torch:TorchTrainer"),  # the torch process group ready
+    # Horovod's Gloo rendezvous ready. Train V2 (Ray 2.60's default) has no HorovodTrainer, and
+    # V1 chooses itself when ray.train is first imported, in each process. V1 also reserves a
+    # CPU for its coordinating actor, which only waits on the workers: a cluster sized for the
+    # workers would never start them.
+    "horovod": RayTrainer(
+        "ray.train.horovod:HorovodTrainer", env={"RAY_TRAIN_V2_ENABLED": "0"}, scaling={"trainer_resources": {"CPU": 0}}
+    ),
+    "tf.distribute": RayTrainer("ray.train.tensorflow:TensorflowTrainer"),  # TF_CONFIG set
+}
+
+
+def ray_trainer(cfg: Config) -> RayTrainer:
+    return RAY_TRAINERS["tf.distribute" if cfg.backend == "tensorflow" else cfg.distributed.strategy]
+
+
 class RunFailed(RuntimeError):
     """The Ray job ended without finishing; the message says why and what to do."""
 
@@ -57,10 +86,10 @@ def _connect(job: Job) -> None:
     import ray
 
     cfg = job.cfg
-    train_api = _train_api_env(cfg)
+    env = _job_env(ray_trainer(cfg))
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": train_api} if train_api else None  # the workers import ray.train too
+    runtime_env = {"env_vars": env} if env else None  # for the workers
     if cfg.runtime.ray_address:
         ray.init(address=cfg.runtime.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
@@ -76,20 +105,16 @@ def _connect(job: Job) -> None:
     )
 
 
-def _train_api_env(cfg: Config) -> dict[str, str]:
-    """Which Ray Train API the job uses, as the environment variable every process reads when
-    it imports ray.train. Horovod runs under Ray Train's HorovodTrainer, which Train V2 (Ray
-    2.60's default) no longer has: that job runs on the V1 API (docs/ARCHITECTURE.md)."""
-    if cfg.distributed.strategy != "horovod":
-        return {}
-    env = {"RAY_TRAIN_V2_ENABLED": "0"}
-    if "ray.train" in sys.modules and os.environ.get("RAY_TRAIN_V2_ENABLED") != "0":
+def _job_env(trainer: RayTrainer) -> dict[str, str]:
+    """The trainer's environment, set in this driver before it imports ray.train."""
+    unset = {k: v for k, v in trainer.env.items() if os.environ.get(k) != v}
+    if unset and "ray.train" in sys.modules:
         raise RuntimeError(
-            "distributed.strategy=horovod on Ray needs Ray Train's V1 API, but this process imported ray.train "
-            "with V2 already: start it with RAY_TRAIN_V2_ENABLED=0"
+            f"{trainer.path} needs {unset} before ray.train is imported, and this process has imported it "
+            "already: start it with those set"
         )
-    os.environ.update(env)
-    return env
+    os.environ.update(trainer.env)
+    return trainer.env
 
 
 def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
@@ -145,9 +170,8 @@ def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
 
 
 def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable):
-    """TorchTrainer (torch process group ready), HorovodTrainer (Horovod's rendezvous ready) or
-    TensorflowTrainer (TF_CONFIG set), by backend and distributed.strategy; Ray's
-    experiment directory is <run>/.ray/<fit_name>, one per fit."""
+    """The strategy's Ray Trainer (RAY_TRAINERS); Ray's experiment directory is
+    <run>/.ray/<fit_name>, one per fit."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     cfg = job.cfg
@@ -155,14 +179,9 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
         from pipeline.backends.tf_backend.quiet import import_tensorflow
 
         import_tensorflow()  # before Ray's module imports it, so its banners stay quiet here
-        from ray.train.tensorflow import TensorflowTrainer as Trainer
-    elif cfg.distributed.strategy == "horovod":
-        from ray.train.horovod import HorovodTrainer as Trainer  # Horovod's gloo rendezvous, hvd.init() ready
-    else:
-        from ray.train.torch import TorchTrainer as Trainer
-    # Train V1 (the Horovod path) also reserves a CPU for its coordinating actor, which only
-    # waits on the workers: without this a cluster sized for the workers would never start them.
-    coordinator = {"trainer_resources": {"CPU": 0}} if cfg.distributed.strategy == "horovod" else {}
+    trainer = ray_trainer(cfg)
+    module, name = trainer.path.split(":")
+    Trainer = getattr(importlib.import_module(module), name)
 
     return Trainer(
         train_fn,
@@ -171,7 +190,7 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            **coordinator,
+            **trainer.scaling,
         ),
         run_config=RunConfig(
             name=fit_name,
