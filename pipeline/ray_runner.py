@@ -1,8 +1,9 @@
 """The Ray Train runner: the only module that imports ray.
 
 The driver (the `dcgan train` process) gets a planned Job (pipeline.job: input checked, data
-prepared, start settled) and ships it unchanged to every rank through Ray Train's
-TorchTrainer, HorovodTrainer or TensorflowTrainer; it does not know whether the job trains or dry-runs.
+prepared, start settled) and ships it unchanged to every rank through the Ray Trainer of the
+ranks' strategy (TorchTrainer, HorovodTrainer or TensorflowTrainer); it does not know whether
+the job trains or dry-runs.
 
 Checkpoints live in the run's own storage under our protocol (pipeline.checkpoint), written
 by rank 0. What rank 0 reports to Ray is a pointer to that checkpoint, so Ray's
