@@ -10,7 +10,7 @@ Every row trains the DCGAN (nz 100, ngf = ndf = 64) on the same folder of CelebA
   bare      the G and D updates alone, on random tensors already on the device: no data, no
             logging; the ceiling of an eager step at that precision and layout
   ours      `dcgan train --dry-run` with the setting shown (--set ...): the product's own
-            step, data feed and runner; local, or Ray with 1 or 2 workers
+            step, data feed and runner; local, Ray with 1 or 2 workers, or horovodrun
 
 Rounds interleave every row, and each row reports its median: the machine's speed drifts
 from minute to minute, so only ratios measured side by side mean anything. Each row also
@@ -20,6 +20,7 @@ reports its achieved model FLOP/s, against the best rate of a large matmul measu
     .venv/bin/python bench/throughput.py                      # the CPU targets (about 15 minutes on 2 cores)
     .venv/bin/python bench/throughput.py --preset gpu        # every setting at 64 px (bench/gpu_check.sh)
     .venv/bin/python bench/throughput.py --preset full       # both backends, 32 and 64 px, batch 64/128/512
+    .venv/bin/python bench/throughput.py --preset strategies # DDP against Horovod, 2 ranks (about 5 minutes)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Case:
     size: int
     batch: int
     backend: str = "torch"
-    runner: str = "local"  # local | ray (ours)
+    runner: str = "local"  # local | ray | horovodrun (ours)
     workers: int = 1
     threads: int = 0  # torch threads per worker; 0 = every core (local) or cores / workers (Ray)
     settings: tuple[tuple[str, Any], ...] = ()  # ours: --set overrides; bare: precision, channels_last
@@ -64,7 +65,8 @@ class Case:
         if self.kind == "bare":
             return f"bare step ({shown})"
         threads = f"{self.threads} thr" if self.threads else "all cores"
-        where = f"local, {threads}" if self.runner == "local" else f"Ray {self.workers} worker(s) x {threads}"
+        where = {"local": f"local, {threads}", "ray": f"Ray {self.workers} worker(s) x {threads}",
+                 "horovodrun": f"horovodrun {self.workers} process(es) x {threads}"}[self.runner]  # fmt: skip
         return f"{self.backend} {where} ({shown})"
 
 
@@ -117,6 +119,17 @@ def gpu_cases() -> list[Case]:
         Case("ours", 64, 512, settings=(("train.precision", "fp32"), ("train.channels_last", False))),
     ]
     return cases
+
+
+def strategy_cases() -> list[Case]:
+    """DDP against Horovod, 2 ranks x 1 thread at 64 px, batch 64: on Ray (TorchTrainer against
+    HorovodTrainer) and under horovodrun."""
+    horovod = (("distributed.strategy", "horovod"),)
+    return [
+        Case("ours", 64, 64, runner="ray", workers=2, threads=1),
+        Case("ours", 64, 64, runner="ray", workers=2, threads=1, settings=horovod),
+        Case("ours", 64, 64, runner="horovodrun", workers=2, threads=1, settings=horovod),
+    ]
 
 
 def full_cases(cores: int) -> list[Case]:
@@ -367,8 +380,13 @@ def measure(case: Case, work: Path, images: Path, device: str, steps: int) -> fl
     if case.threads and case.runner == "local":
         env.update(OMP_NUM_THREADS=str(case.threads), TF_NUM_INTRAOP_THREADS=str(case.threads))
     if case.kind == "ours":
-        done = _dcgan("train", "--dry-run", "--dry-run-steps", str(steps), "--config", "configs/dryrun.yaml",
-                      *_config(work, images, case, device), timeout=900, env=env)  # fmt: skip
+        train = ["--dry-run", "--dry-run-steps", str(steps), *_config(work, images, case, device)]
+        if case.runner == "horovodrun":
+            env["OMP_NUM_THREADS"] = str(case.threads or 1)
+            launcher = ["bash", str(ROOT / "launch/horovod.sh"), "configs/dryrun.yaml", "-np", str(case.workers), "--"]
+            done = subprocess.run([*launcher, *train], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        else:
+            done = _dcgan("train", "--config", "configs/dryrun.yaml", *train, timeout=900, env=env)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
         report = json.loads((work / "runs" / "bench-dryrun" / "dryrun-report.json").read_text())
@@ -397,6 +415,15 @@ def targets(rows: list[Row], preset: str) -> list[dict[str, Any]]:
             ("torch batch 512 / eager bf16 + channels_last bare step", Case("ours", 64, 512),
              Case("bare", 64, 512, settings=(("precision", "bf16"), ("channels_last", True))), 1.2),
         ]  # fmt: skip
+    elif preset == "strategies":  # our own bar: the strategy should not cost throughput
+        horovod = (("distributed.strategy", "horovod"),)
+        ddp_on_ray = Case("ours", 64, 64, runner="ray", workers=2, threads=1)
+        checks = [
+            ("Horovod / DDP, both on Ray (2 x 1 thread)", Case("ours", 64, 64, runner="ray", workers=2, threads=1,
+             settings=horovod), ddp_on_ray, 0.95),
+            ("Horovod under horovodrun / DDP on Ray", Case("ours", 64, 64, runner="horovodrun", workers=2, threads=1,
+             settings=horovod), ddp_on_ray, 0.95),
+        ]  # fmt: skip
     else:
         checks = [
             ("torch / canonical example (64 px, batch 64)", Case("ours", 64, 64), Case("baseline", 64, 64), 2.0),
@@ -418,7 +445,8 @@ def targets(rows: list[Row], preset: str) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["cpu", "gpu", "full"], default=None, help="default: gpu on CUDA, else cpu")
+    parser.add_argument("--preset", choices=["cpu", "gpu", "full", "strategies"], default=None,
+                        help="default: gpu on CUDA, else cpu; strategies: DDP against Horovod (CPU)")  # fmt: skip
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--steps", type=int, default=None, help="training steps per row, the first third warm-up (default 9 on CPU, 30 on a GPU)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2 on CPU, 1 on a GPU)")
@@ -438,11 +466,14 @@ def main() -> None:
     steps = args.steps or (30 if device == "cuda" else 9)
     rounds = args.rounds or (1 if device == "cuda" else 2)
     cores = os.cpu_count() or 1
-    cases = {"cpu": lambda: cpu_cases(cores), "gpu": gpu_cases, "full": lambda: full_cases(cores)}[preset]()
+    presets = {"cpu": lambda: cpu_cases(cores), "gpu": gpu_cases, "full": lambda: full_cases(cores), "strategies": strategy_cases}
+    cases = presets[preset]()
     if args.sizes:
         cases = [c for c in cases if c.size in args.sizes]
     if not _has("ray"):
         cases = [c for c in cases if c.runner != "ray"]
+    if not _has("horovod"):
+        cases = [c for c in cases if dict(c.settings).get("distributed.strategy") != "horovod"]
     if not _has("tensorflow"):
         cases = [c for c in cases if c.backend != "tensorflow"]
     from pipeline.precision import cpu_has_native_bf16
