@@ -13,7 +13,8 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels .
 
 # --- horovod: the GPU variant (NCCL operations) for distributed.strategy: horovod --------------
 # Built against the base image's CUDA toolkit (a devel one) and the NCCL of torch's wheels, by
-# the same script and patches as `make horovod` (third_party/horovod/build.sh).
+# the same script and patches as `make horovod` (third_party/horovod/build.sh). Not yet built:
+# the CPU variant is built and tested by `make horovod`; this GPU one awaits a machine with Docker.
 FROM rayproject/ray:2.60.0-py311-gpu AS horovod
 USER root
 # The compiler, CMake and patch of the base image's Ubuntu release (a build stage: nothing of it ships).

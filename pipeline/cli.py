@@ -95,6 +95,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.dryrun import DEFAULT_STEPS, print_report
     from pipeline.job import Job, StartOptions, plan, run_dir_name
     from pipeline.lease import RunLease
+    from pipeline.preflight import check_before_writing
 
     overrides = args.overrides + ([f"runtime.runner={args.runner}"] if args.runner else [])
     cfg = config.load(args.config, overrides)
@@ -105,14 +106,11 @@ def _train(args: argparse.Namespace) -> int:
         dry_run_steps = args.dry_run_steps or DEFAULT_STEPS
         if dry_run_steps < 1:
             raise ConfigError(f"--dry-run-steps must be >= 1, got {dry_run_steps}")
-    if cfg.runtime.runner == "local":
-        from pipeline.backends import check_local_devices
-
-        check_local_devices(cfg)
     options = StartOptions(fresh=args.fresh, resume=args.resume)
 
     @contextmanager
     def planned() -> Iterator[Job]:
+        check_before_writing(cfg)
         # One writer per run: the lease is held before anything in the run directory changes.
         with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):
             yield plan(cfg, options, dry_run_steps)

@@ -7,7 +7,6 @@ the bad value and what is allowed. This module imports no framework.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -27,14 +26,31 @@ class ConfigError(ValueError):
 PathOrUri = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, os.PathLike) else value)]
 
 
+def _known_storage_scheme(value: Optional[str]) -> Optional[str]:
+    if value is not None and storage.is_uri(value):
+        scheme = storage.uri_scheme(value)
+        if scheme not in storage.URI_SCHEMES:
+            raise ValueError(
+                f"storage URI scheme {scheme!r} is not one pyarrow.fs opens; use one of "
+                f"{', '.join(s + '://' for s in storage.URI_SCHEMES)} or a path"
+            )
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No field takes inf or NaN: an infinite count of CPUs or steps is a typo, not a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A file name may hold 255 bytes; the longest name a run gets is <name>.replaced-<time> (--fresh).
+RUN_NAME_MAX = 255 - len(".replaced-YYYYmmdd-HHMMSS")
 
 
 class RunSection(_Section):
     name: str = Field(
         "dryrun",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=RUN_NAME_MAX,
         description="Run name; everything lands in <dir>/<name>/, and the same name resumes.",
     )
     dir: Path = Field(Path("runs"), description="Parent directory of all runs.")
@@ -52,6 +68,7 @@ class DataSection(_Section):
         description="Where the uint8 shards and manifest go: a path, or a storage URI (s3://...) from which "
         "each node stages the shards to local disk once; default data/prepared/<source>-<size>px-<channels>ch.",
     )
+    _storage_scheme = field_validator("prepared_dir")(_known_storage_scheme)
     image_size: Literal[32, 64, 128] = Field(32, description="Square training resolution in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB.")
     max_images: Optional[int] = Field(None, gt=0, description="Keep at most this many images (first ones).")
@@ -132,13 +149,6 @@ class TrainSection(_Section):
             fp16 = "precision: fp16" if raw["amp"] else "precision: fp32 (or auto)"
             raise ValueError(f"train.amp was replaced by train.precision (auto | fp32 | bf16 | fp16): amp: {raw['amp']} is {fp16}")
         return raw
-
-    @field_validator("lr")
-    @classmethod
-    def _finite_lr(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        return value
 
 
 class CheckpointSection(_Section):
@@ -225,6 +235,8 @@ class RuntimeSection(_Section):
         description="Where runs live, instead of run.dir: a path (on a multi-node cluster, shared storage that "
         "every node mounts at that path) or a URI pyarrow.fs resolves (s3://bucket/runs, gs://...).",
     )
+
+    _storage_scheme = field_validator("storage_path")(_known_storage_scheme)
 
 
 class Config(_Section):
@@ -409,6 +421,26 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself forbids it;
+    PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
     raw: Any = {}
@@ -426,7 +458,7 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
                 "is it the YAML config?"
             ) from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -441,8 +473,10 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
 def model_mismatch(saved: dict[str, Any], wanted: Config) -> list[str]:
     """Fields that decide tensor shapes and differ between a checkpoint's config and this one."""
     wanted_dict = wanted.to_dict()
-    # The EMA copy of G is no shape: a checkpoint without one starts it from G.
-    keys = [("model", k) for k in wanted_dict["model"] if k != "g_ema_decay"] + [("data", "image_size"), ("data", "channels"), ("backend",)]
+    # Neither is a shape: a checkpoint without G's average starts it from G, and global BatchNorm
+    # holds BatchNorm's parameters and statistics under the same names.
+    shapeless = ("g_ema_decay", "sync_batchnorm")
+    keys = [("model", k) for k in wanted_dict["model"] if k not in shapeless] + [("data", "image_size"), ("data", "channels"), ("backend",)]
     diffs = []
     for key in keys:
         old, new = saved, wanted_dict

@@ -30,6 +30,9 @@ def rank_context() -> RankContext:
             "runtime.runner='horovodrun' runs in the processes horovodrun starts, and this one was not: "
             "use launch/horovod.sh CONFIG [-np N], or another runtime.runner"
         )
+    from pipeline.preflight import require_horovod
+
+    require_horovod()
     import horovod.torch as hvd
 
     hvd.init()

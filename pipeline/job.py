@@ -50,6 +50,12 @@ class Job:
     def run_address(self) -> str:
         return run_address(self.cfg, self.dry_run_steps is not None)
 
+    @property
+    def total_steps(self) -> int:
+        """The step at which the job is done."""
+        steps = self.cfg.train.steps
+        return steps if self.dry_run_steps is None else min(steps, self.dry_run_steps)
+
     def run(
         self,
         ctx: RankContext = LOCAL,

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
-
 
 
 class LeaseHeld(RuntimeError):
@@ -62,19 +64,19 @@ class RunLease:
         }  # fmt: skip
 
     def _is_stale(self, record: dict[str, Any]) -> bool:
-        if time.time() - float(record.get("heartbeat", 0)) > self.stale_after:
+        if time.time() - _heartbeat(record) > self.stale_after:
             return True
         if record.get("host") == socket.gethostname():
             try:
                 os.kill(int(record["pid"]), 0)
             except ProcessLookupError:
                 return True  # its process is gone: no need to wait for the heartbeat to age
-            except (PermissionError, KeyError, ValueError):
+            except (PermissionError, KeyError, TypeError, ValueError, OverflowError):
                 pass
         return False
 
     def _held_error(self, record: dict[str, Any]) -> LeaseHeld:
-        age = time.time() - float(record.get("heartbeat", 0))
+        age = time.time() - _heartbeat(record)
         job = f", Ray job submission {record['submission']}" if record.get("submission") else ""
         return LeaseHeld(
             f"run {self.label} is in use by another job: pid {record.get('pid')} on host {record.get('host')}"
@@ -129,7 +131,7 @@ class RunLease:
         else:
             log.warning("took over the stale lease of %s (pid %s on %s)", self.label,
                         (stale or {}).get("pid"), (stale or {}).get("host"))  # fmt: skip
-        aside.unlink(missing_ok=True)
+        _remove(aside)
 
     def _acquire_by_listing(self) -> None:
         self.runs.write_text(self.name, json.dumps(self._record()))
@@ -173,6 +175,23 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _heartbeat(record: dict[str, Any]) -> float:
+    """The record's heartbeat time; 0 (long stale) for junk, which no live holder writes."""
+    try:
+        beat = float(record.get("heartbeat", 0))
+    except (TypeError, ValueError):
+        return 0.0
+    return beat if math.isfinite(beat) else 0.0
+
+
+def _remove(path: Path) -> None:
+    """A stale lease set aside: a file, or whatever junk stood in its place."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _read(run: Location, name: str) -> Optional[dict[str, Any]]:

@@ -158,7 +158,7 @@ def run_loop(
         if log_now:
             summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
             progress.update(step, summary.last_metrics)
-        if every(step, cfg.logging.samples_every) or last:
+        if ctx.is_chief and (every(step, cfg.logging.samples_every) or last):  # the grid only the chief writes
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
             backend.synchronize_replicas()  # BatchNorm statistics agree: what is scored is what is saved

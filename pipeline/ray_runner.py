@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 from pipeline import storage
 from pipeline import tensorboard as tb
 from pipeline.checkpoint import CheckpointInfo, step_dir_name
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
 from pipeline.loop import Preempted
@@ -87,13 +87,21 @@ def _connect(job: Job) -> None:
     import ray
 
     cfg = job.cfg
-    env = _job_env(ray_trainer(cfg))
+    trainer = ray_trainer(cfg)
+    env = _job_env(trainer)
     if ray.is_initialized():
+        _check_connected_env(trainer)
         return
     runtime_env = {"env_vars": env} if env else None  # for the workers
     if cfg.runtime.ray_address:
         ray.init(address=cfg.runtime.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
+    # runtime.ray_address decides which cluster: RAY_ADDRESS, left in the environment wherever a
+    # head was started, would make ray.init join that one and refuse num_cpus.
+    ignored = os.environ.pop("RAY_ADDRESS", None)
+    if ignored:
+        log.warning("RAY_ADDRESS=%s ignored: runtime.ray_address is not set, so a local Ray starts "
+                    "(set runtime.ray_address=auto to use that cluster)", ignored)  # fmt: skip
     # A new local Ray, reachable on loopback only. Its CPUs are logical: reserve enough for
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
     wanted = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
@@ -104,6 +112,21 @@ def _connect(job: Job) -> None:
         logging_level=logging.WARNING,
         runtime_env=runtime_env,
     )
+
+
+def _check_connected_env(trainer: RayTrainer) -> None:
+    """This process joined Ray before us (a notebook): the workers get the environment of the
+    job it connected with, which must carry the trainer's."""
+    import ray
+
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    missing = {k: v for k, v in trainer.env.items() if job_env.get(k) != v}
+    if missing:
+        raise ConfigError(
+            f"this process is already connected to Ray without {missing} in its runtime_env, which the workers of "
+            f"{trainer.path} need: connect with "
+            f"ray.init(..., runtime_env={{'env_vars': {missing}}}), or let dcgan connect (call ray.shutdown() first)"
+        )
 
 
 def _job_env(trainer: RayTrainer) -> dict[str, str]:
@@ -150,7 +173,8 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     if run_dir.exists(STOP_FILE):
         run_dir.delete(STOP_FILE)
         step = int(metrics.get("step", 0))
-        raise Preempted(step, storage.join(job.run_address, f"checkpoints/{step_dir_name(step)}"))
+        if step < job.total_steps:  # a stop that came with the last step finds the run finished
+            raise Preempted(step, storage.join(job.run_address, f"checkpoints/{step_dir_name(step)}"))
     return job.result(metrics)
 
 

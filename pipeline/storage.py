@@ -24,8 +24,16 @@ from pipeline.durable import fsync_dir
 PathOrUri = Union[str, Path]
 
 
+# What pyarrow.fs.FileSystem.from_uri opens (as Ray Train's storage_path does).
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
 def is_uri(value: PathOrUri) -> bool:
     return "://" in str(value)
+
+
+def uri_scheme(uri: str) -> str:
+    return str(uri).partition("://")[0].lower()
 
 
 def join(base: PathOrUri, name: str) -> str:

@@ -31,6 +31,15 @@ def warmed_up_decay(decay: float, step: int) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+# The framework-neutral weights (`dcgan convert`): numpy arrays under PyTorch's state-dict names,
+# prefixed generator., discriminator. and, where G's average is kept, generator_ema.
+NEUTRAL_AVERAGE = "generator_ema"
+
+
+def holds_average(arrays: Mapping[str, Any]) -> bool:
+    return any(name.startswith(NEUTRAL_AVERAGE + ".") for name in arrays)
+
+
 class NonFiniteError(RuntimeError):
     """A loss, gradient or state tensor became NaN or infinite; the run stops."""
 

@@ -22,7 +22,7 @@ if weights.is_dir():
     netG.load_state_dict(torch.load(weights / "generator.pt", weights_only=True))
     netD.load_state_dict(torch.load(weights / "discriminator.pt", weights_only=True))
 else:
-    from_neutral(netG, netD, dict(np.load(weights)))
+    from_neutral({"generator": netG, "discriminator": netD}, dict(np.load(weights)))
 data = dict(np.load(inputs))
 z = torch.from_numpy(data["z"]).view(-1, nz, 1, 1)
 images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)

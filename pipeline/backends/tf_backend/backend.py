@@ -15,7 +15,9 @@ from typing import Any, Iterator, Mapping, Optional
 import keras
 import numpy as np
 
-from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise, warmed_up_decay
+from pipeline.backends.base import (
+    NEUTRAL_AVERAGE, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise, warmed_up_decay,
+)
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.devices import describe, make_strategy, resolve_precision, use_devices
@@ -54,7 +56,7 @@ class TFBackend:
         if strategy is None:
             # Under Ray, a worker that Ray gave no GPU trains on the CPU (ctx.device == "cpu").
             use_devices(ctx.device or cfg.runtime.device)
-            strategy = make_strategy()
+            strategy = make_strategy(ctx.world_size)
         self.strategy = strategy
         log.info("TensorFlow: %s", describe(self.strategy))
         replicas = self.strategy.num_replicas_in_sync
@@ -268,11 +270,20 @@ class TFBackend:
             optimizer.learning_rate.assign(self.cfg.train.lr)
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        return {**weights.to_neutral(self.netG), **weights.to_neutral(self.netD), "fixed_noise": self.fixed_noise.numpy()}
+        averaged = weights.to_neutral(self.netG_ema, NEUTRAL_AVERAGE) if self.netG_ema is not None else {}
+        return {
+            **weights.to_neutral(self.netG), **weights.to_neutral(self.netD), **averaged,
+            "fixed_noise": self.fixed_noise.numpy(),
+        }  # fmt: skip
 
     def import_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
         weights.from_neutral(self.netG, arrays)
         weights.from_neutral(self.netD, arrays)
+        if self.netG_ema is not None:  # the source's average, or (it kept none) G itself
+            if holds_average(arrays):
+                weights.from_neutral(self.netG_ema, arrays, NEUTRAL_AVERAGE)
+            else:
+                self.netG_ema.set_weights(self.netG.get_weights())
         self.fixed_noise.assign(np.asarray(arrays["fixed_noise"], dtype=np.float32))
 
     def fingerprint(self) -> dict[str, str]:

@@ -38,11 +38,14 @@ def _local_devices() -> list[str]:
     return [d.name for d in (gpus or cpus)]
 
 
-def make_strategy() -> tf.distribute.Strategy:
-    """Several workers (TF_CONFIG, as Ray's TensorflowTrainer sets it): MultiWorkerMirroredStrategy;
-    several devices in this process: MirroredStrategy; one: the default strategy."""
+def make_strategy(world_size: int) -> tf.distribute.Strategy:
+    """A rank of several workers (TF_CONFIG, as Ray's TensorflowTrainer sets it, names them):
+    MultiWorkerMirroredStrategy; several devices in this process: MirroredStrategy; one: the
+    default strategy. A single-rank backend in a worker's process (the dry run's reload check)
+    gets a local strategy, though TF_CONFIG still lists every worker: a MultiWorkerMirroredStrategy
+    it built alone would wait for the others forever."""
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    if len(workers) > 1:
+    if world_size > 1 and len(workers) > 1:
         # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
         with native_stderr_captured():
             return tf.distribute.MultiWorkerMirroredStrategy()

@@ -30,10 +30,12 @@ def _weighted_layers(model: keras.Model):
     return [layer for layer in model.layers if layer.weights]
 
 
-def to_neutral(model: keras.Model) -> dict[str, np.ndarray]:
+def to_neutral(model: keras.Model, name: str = "") -> dict[str, np.ndarray]:
+    """Under `name` (default the model's own: generator, discriminator); G's average is a
+    generator saved as generator_ema."""
     arrays = {}
     for layer in _weighted_layers(model):
-        prefix = f"{model.name}.main.{_torch_index(model, layer.name)}"
+        prefix = f"{name or model.name}.main.{_torch_index(model, layer.name)}"
         if isinstance(layer, keras.layers.BatchNormalization):
             for torch_name, keras_name in _BN:
                 arrays[f"{prefix}.{torch_name}"] = np.asarray(getattr(layer, keras_name).numpy())
@@ -42,9 +44,9 @@ def to_neutral(model: keras.Model) -> dict[str, np.ndarray]:
     return arrays
 
 
-def from_neutral(model: keras.Model, arrays: dict[str, np.ndarray]) -> None:
+def from_neutral(model: keras.Model, arrays: dict[str, np.ndarray], name: str = "") -> None:
     for layer in _weighted_layers(model):
-        prefix = f"{model.name}.main.{_torch_index(model, layer.name)}"
+        prefix = f"{name or model.name}.main.{_torch_index(model, layer.name)}"
         if isinstance(layer, keras.layers.BatchNormalization):
             for torch_name, keras_name in _BN:
                 getattr(layer, keras_name).assign(arrays[f"{prefix}.{torch_name}"])

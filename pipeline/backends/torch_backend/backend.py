@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.backends.base import NonFiniteError, ReplicaMismatchError, latent_noise
+from pipeline.backends.base import NEUTRAL_AVERAGE, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise
 from pipeline.backends.torch_backend import feed, parallel, weights
 from pipeline.backends.torch_backend.average import GeneratorAverage
 from pipeline.backends.torch_backend.device import make_deterministic, pick_device, resolve_precision
@@ -54,6 +54,10 @@ class TorchBackend:
         self.netD.to(self.device, dtype, memory_format=layout)
         # netG / netD are the plain modules (state dicts, sampling); trainG / trainD what trains.
         self.compiled = train.compile
+        # Every rank keeps the same average, as every rank's G is the same (BatchNorm statistics
+        # are made to agree at checkpoints, as G's are). Copied from the plain G before wrap()
+        # gives its BatchNorm layers the strategy's collectives: the average never trains.
+        self.netG_ema = GeneratorAverage(self.netG, model.g_ema_decay) if model.g_ema_decay else None
         self.trainG = self.parallel.wrap(self.netG, model.sync_batchnorm, self.compiled)
         self.trainD = self.parallel.wrap(self.netD, model.sync_batchnorm, self.compiled)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
@@ -69,9 +73,6 @@ class TorchBackend:
         self.autocast = torch.autocast(
             self.device.type, dtype=_AUTOCAST_DTYPES.get(self.precision.name), enabled=self.precision.autocast
         )
-        # Every rank keeps the same average, as every rank's G is the same (BatchNorm statistics
-        # are made to agree at checkpoints, as G's are).
-        self.netG_ema = GeneratorAverage(self.netG, model.g_ema_decay) if model.g_ema_decay else None
         self.bce = nn.BCEWithLogitsLoss()
         self.device_cache: Optional[bool] = None  # data.device_cache, resolved in batches()
         self.noise = torch.Generator(self.device)  # reseeded every step from (seed, step)
@@ -265,13 +266,22 @@ class TorchBackend:
         else:
             self.netG_ema.module.load_state_dict(self.netG.state_dict())
 
+    def _neutral_nets(self) -> dict[str, nn.Module]:
+        averaged = {NEUTRAL_AVERAGE: self.netG_ema.module} if self.netG_ema is not None else {}
+        return {"generator": self.netG, "discriminator": self.netD, **averaged}
+
     def export_weights(self) -> dict[str, np.ndarray]:
-        arrays = weights.to_neutral(self.netG, self.netD)
+        arrays = weights.to_neutral(self._neutral_nets())
         arrays["fixed_noise"] = self.fixed_noise.detach().cpu().numpy().reshape(len(self.fixed_noise), -1)
         return arrays
 
     def import_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
-        weights.from_neutral(self.netG, self.netD, arrays)
+        nets = self._neutral_nets()
+        if not holds_average(arrays):
+            nets.pop(NEUTRAL_AVERAGE, None)
+        weights.from_neutral(nets, arrays)
+        if self.netG_ema is not None and NEUTRAL_AVERAGE not in nets:  # the source kept none: start from G
+            self.netG_ema.module.load_state_dict(self.netG.state_dict())
         noise = torch.from_numpy(np.asarray(arrays["fixed_noise"]))
         self.fixed_noise = noise.view(*noise.shape, 1, 1).to(self.device, self.dtype)
 

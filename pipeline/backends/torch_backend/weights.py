@@ -11,17 +11,18 @@ import torch
 from torch import nn
 
 
-def to_neutral(netG: nn.Module, netD: nn.Module) -> dict[str, np.ndarray]:
+def to_neutral(nets: dict[str, nn.Module]) -> dict[str, np.ndarray]:
+    """`nets` by neutral prefix: generator, discriminator, generator_ema (G's average)."""
     arrays = {}
-    for prefix, net in (("generator", netG), ("discriminator", netD)):
+    for prefix, net in nets.items():
         for name, tensor in net.state_dict().items():
             if not name.endswith("num_batches_tracked"):
                 arrays[f"{prefix}.{name}"] = tensor.detach().cpu().numpy()
     return arrays
 
 
-def from_neutral(netG: nn.Module, netD: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    for prefix, net in (("generator", netG), ("discriminator", netD)):
+def from_neutral(nets: dict[str, nn.Module], arrays: dict[str, np.ndarray]) -> None:
+    for prefix, net in nets.items():
         state = net.state_dict()
         for name, tensor in state.items():
             if name.endswith("num_batches_tracked"):

@@ -1,0 +1,41 @@
+"""Checks of a run's input that need more than the config itself (a file, a device, an installed
+framework), made before the run's lease is taken or anything is written: a refused run costs
+nothing, not even the previous run that `--fresh` would move aside."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+
+
+def check_before_writing(cfg: Config) -> None:
+    if cfg.runtime.runner in ("local", "horovodrun"):  # the ranks train on this host's devices
+        from pipeline.backends import check_local_devices
+
+        check_local_devices(cfg)
+    if cfg.distributed.strategy == "horovod" and (cfg.runtime.runner == "horovodrun" or cfg.scaling.num_workers > 1):
+        require_horovod()
+    _check_inception_weights(cfg)
+
+
+def require_horovod() -> None:
+    if importlib.util.find_spec("horovod") is None:
+        raise ConfigError(
+            "distributed.strategy='horovod', but Horovod is not installed in this environment: "
+            "`make horovod` builds it for this PyTorch (third_party/horovod/build.sh)"
+        )
+
+
+def _check_inception_weights(cfg: Config) -> None:
+    """The FID weights file, on the driver (every node that evaluates must have it too)."""
+    if not cfg.eval.every or cfg.eval.resolved_extractor(cfg.data.source) != "inception":
+        return
+    weights = cfg.eval.inception_weights
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(
+            f"eval.inception_weights={str(weights)!r} is not a file: download the standard FID InceptionV3 weights "
+            "(pt_inception-2015-12-05-6726825d.pth, github.com/toshas/torch-fidelity/releases) to that path; "
+            "the pipeline never downloads them itself"
+        )
