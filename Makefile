@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install only when the project's dependencies change; the stamp records that.
 STAMP := $(VENV)/.installed
 
-.PHONY: dryrun test bench gpu-wheels install horovod clean
+.PHONY: dryrun test test-fast bench gpu-wheels install horovod clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Horovod (distributed.strategy: horovod), built for this .venv's PyTorch from the patched
-# 0.28.1 sdist; the wheel is cached in .cache/horovod (third_party/horovod/build.sh says how).
+# 0.28.1 sdist; the wheel is cached in ~/.cache/dcgan/horovod (third_party/horovod/build.sh says how).
 HOROVOD_STAMP := $(VENV)/.horovod
 $(HOROVOD_STAMP): $(STAMP) third_party/horovod/build.sh third_party/horovod/cxx20.patch third_party/horovod/partial-cuda-toolkit.patch
 	third_party/horovod/build.sh $(BIN)/python
@@ -30,10 +30,18 @@ DRYRUN_CONFIG := $(if $(filter tensorflow,$(BACKEND)),configs/dryrun-tf.yaml,con
 dryrun: $(STAMP)
 	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
-# Two processes: torch and TensorFlow never share one (docs/ARCHITECTURE.md, traps).
+# Two processes: torch and TensorFlow never share one (docs/ARCHITECTURE.md, traps). They share
+# one node-local cache (the digits classifier is trained once), removed afterwards.
 test: $(STAMP) $(HOROVOD_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(BIN)/python -m pytest tests/tf $(PYTEST_ARGS)
+	cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache && \
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS) && \
+	$(BIN)/python -m pytest tests/tf --durations=25 $(PYTEST_ARGS); \
+	status=$$?; rm -rf $$cache; exit $$status
+
+# The inner loop: the unit tests of both processes (no Ray, Horovod, subprocess or slow test), < 3 min.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/tf -m unit -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(BIN)/python bench/feed.py

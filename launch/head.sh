@@ -3,6 +3,9 @@
 #   launch/head.sh start [--num-cpus N]     prints the Jobs API address
 #   launch/head.sh stop
 # Ports: RAY_PORT (GCS, default 6379), DASHBOARD_PORT (dashboard + Jobs API, default 8265).
+# Each head keeps its files in a directory of its own (RAY_HEAD_DIR, default /tmp/ray-head-RAY_PORT),
+# which every one of its processes names on its command line: `stop` ends those processes only,
+# never another head or a Ray that a program started on this machine (`ray stop` would).
 # The token lives in ~/.ray/auth_token (created if missing); clients get it the same way,
 # or from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH. Auth is never turned off.
 set -euo pipefail
@@ -12,6 +15,8 @@ ray=${RAY:-$root/.venv/bin/ray}
 export RAY_AUTH_MODE=token  # a CLI-started head does not enable it by itself (docs/ARCHITECTURE.md, traps)
 export PATH="$(dirname "$ray"):$PATH"  # jobs' `python` is the one beside this ray (the project's venv)
 
+head_dir=${RAY_HEAD_DIR:-/tmp/ray-head-${RAY_PORT:-6379}}
+
 case ${1:-} in
   start)
     shift
@@ -20,11 +25,15 @@ case ${1:-} in
     "$ray" get-auth-token --generate >/dev/null
     "$ray" start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
       --port="${RAY_PORT:-6379}" --dashboard-port="${DASHBOARD_PORT:-8265}" "${num_cpus[@]}" \
-      --disable-usage-stats >&2
+      --temp-dir="$head_dir" --disable-usage-stats >&2
     echo "http://127.0.0.1:${DASHBOARD_PORT:-8265}"
     ;;
   stop)
-    "$ray" stop --force >&2
+    # SIGTERM first (Ray's processes shut down in order), SIGKILL what is left after 10 s.
+    pkill -TERM -f -- "$head_dir/" || { echo "no Ray head running in $head_dir" >&2; exit 0; }
+    for _ in $(seq 20); do pgrep -f -- "$head_dir/" >/dev/null || break; sleep 0.5; done
+    pkill -KILL -f -- "$head_dir/" || true
+    echo "stopped the Ray head in $head_dir" >&2
     ;;
   *)
     echo "usage: $0 start [--num-cpus N] | stop" >&2

@@ -4,7 +4,6 @@ nothing, not even the previous run that `--fresh` would move aside."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
@@ -21,11 +20,13 @@ def check_before_writing(cfg: Config) -> None:
 
 
 def require_horovod() -> None:
-    if importlib.util.find_spec("horovod") is None:
+    try:
+        import horovod  # noqa: F401  (the package alone: its torch part loads with the strategy)
+    except ImportError:
         raise ConfigError(
             "distributed.strategy='horovod', but Horovod is not installed in this environment: "
             "`make horovod` builds it for this PyTorch (third_party/horovod/build.sh)"
-        )
+        ) from None
 
 
 def _check_inception_weights(cfg: Config) -> None:

@@ -37,6 +37,16 @@ def pytest_ignore_collect(collection_path, config):
     return not any(a == TF_TESTS or TF_TESTS in a.parents for a in asked)
 
 
+def pytest_collection_modifyitems(config, items):
+    """tf for everything under tests/tf; unit for every test that is none of integration, ray,
+    horovod, slow (what `make test-fast` runs)."""
+    for item in items:
+        if TF_TESTS in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.tf)
+        if not any(item.get_closest_marker(name) for name in ("integration", "ray", "horovod", "slow")):
+            item.add_marker(pytest.mark.unit)
+
+
 def small_config(tmp_path: Path, backend: str = "torch", **sections) -> config.Config:
     """A tiny, fast config rooted in tmp_path; keyword sections override the defaults."""
     raw = {

@@ -24,9 +24,10 @@ def write_config(path: Path, cfg) -> Path:
     return path
 
 
-def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`dcgan ARGS` in a new interpreter, so each run starts from a clean process state."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+def dcgan(*args: str, cwd: Path, timeout: float = 300, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`dcgan ARGS` in a new interpreter, so each run starts from a clean process state; `env`
+    adds to this process's environment."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -34,10 +35,11 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPr
 
 
 def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None,
-                  framework: str = "torch"):
+                  framework: str = "torch", after=None):
     """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
     optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
-    first attempt. `before(rank, loop_config)` runs first on every rank.
+    first attempt. `before(rank, loop_config)` runs first on every rank, `after(rank,
+    loop_config)` once the worker returned.
 
     The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
     indices are queued when read and recorded when their step takes the batch. For
@@ -96,6 +98,8 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
         ShardedImages.gather, TorchBackend.train_step = gather, train_step
         try:
             ray_runner._worker(loop_config)
+            if after is not None:
+                after(rank, loop_config)
         finally:
             ShardedImages.gather, TorchBackend.train_step = original_gather, original_step
             if seen:
@@ -125,9 +129,13 @@ def local_ray(test_module: str, num_gpus: int = 0, env_vars: Optional[dict[str, 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict:
     """G, D and both Adams' moments of a torch checkpoint, by name (torch tensors; torch is imported here
     because the TensorFlow tests import this module too)."""
+    return tensors_in(run_dir / "checkpoints" / f"step-{step:08d}")
+
+
+def tensors_in(directory: Path) -> dict:
+    """checkpoint_tensors of one torch checkpoint directory."""
     import torch
 
-    directory = run_dir / "checkpoints" / f"step-{step:08d}"
     state = {}
     for name in ("generator.pt", "discriminator.pt"):
         state.update({f"{name}:{k}": v for k, v in torch.load(directory / name, weights_only=True).items()})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from pipeline import cli
 from tests.conftest import ROOT, small_config
 from tests.helpers import dcgan, write_config
 
@@ -15,14 +17,17 @@ pytestmark = pytest.mark.integration
 
 
 def test_dry_run_of_the_shipped_config(tmp_path: Path):
-    # configs/dryrun.yaml goes through Ray Train (a local Ray on 127.0.0.1), one worker.
-    result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path)
+    # configs/dryrun.yaml goes through Ray Train (a local Ray on 127.0.0.1), one worker; a
+    # RAY_ADDRESS left in the environment (wherever a head was started) does not redirect it.
+    result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path,
+                   env={"RAY_ADDRESS": "127.0.0.1:9"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = result.stdout
     for fragment in ("dry run: OK", "on cpu, 1 rank(s)", "digits: 1,797 images 32x32x1", "step time", "images/s",
                      "peak memory", "tensors identical", "2,000 steps, ETA"):  # fmt: skip
         assert fragment in report, f"{fragment!r} missing from the report:\n{report}"
     assert "RayTrainWorker" in result.stderr, "the dry run must have run in a Ray Train worker"
+    assert "RAY_ADDRESS=127.0.0.1:9 ignored" in result.stderr
     scratch = tmp_path / "runs" / "dryrun-dryrun"
     checkpoint = scratch / "checkpoints" / "step-00000012"
     assert json.loads((checkpoint / "manifest.json").read_text())["step"] == 12
@@ -36,6 +41,9 @@ def test_dry_run_of_the_shipped_config(tmp_path: Path):
     assert "prepared" not in again.stderr  # the shards of the first run are reused
 
 
+LONG_NAME = "n" * 231
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -43,13 +51,40 @@ def test_dry_run_of_the_shipped_config(tmp_path: Path):
         (["--set", "data.image_size=40"], "data.image_size"),
         (["--set", "checkpoint.keep=1"], "checkpoint.keep"),
         (["--set", "model.widht=3"], "model.widht: unknown field"),
+        # Hostile input: each used to end in a traceback.
+        (["--set", "scaling.cpus_per_worker=.inf"], "scaling.cpus_per_worker: Input should be a finite number"),
+        (["--set", "train.steps=.nan"], "train.steps: Input should be a finite number"),
+        (["--set", "runtime.storage_path=ftp://host/runs"], "runtime.storage_path: storage URI scheme 'ftp'"),
+        (["--set", "data.prepared_dir=webdav://x/y"], "data.prepared_dir: storage URI scheme 'webdav'"),
+        (["--set", f"run.name={LONG_NAME}"], "run.name: String should have at most 230 characters"),
+        (["--runner", "local", "--set", "data.source=synthetic", "--set", "eval.every=2",
+          "--set", "eval.inception_weights=/no/such/inception.pth"], "eval.inception_weights='/no/such/inception.pth' is not a file"),
     ],
-)
-def test_bad_config_exits_2_before_writing_anything(tmp_path: Path, args, fragment):
-    result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", *args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert fragment in result.stderr
-    assert list(tmp_path.iterdir()) == [], "nothing may be written on a config error"
+)  # fmt: skip
+def test_bad_input_exits_2_before_writing_anything(tmp_path: Path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(tmp_path)  # in-process: the exit code is main()'s return value
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "dryrun.yaml"), *args]) == 2
+    assert fragment in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing may be written on bad input"
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "twice.yaml"
+    config.write_text("run: {name: twice}\ntrain:\n  steps: 5\n  lr: 1.0e-4\n  steps: 50\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "found duplicate key 'steps' (first at line 3)" in err and "line 5" in err
+    assert list(tmp_path.iterdir()) == [config]
+
+
+def test_the_horovod_strategy_without_horovod_installed_exits_2(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "horovod", None)  # as where `make horovod` never ran: import fails
+    overrides = ["--set", "distributed.strategy=horovod", "--set", "scaling.num_workers=2"]
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "dryrun.yaml"), *overrides]) == 2
+    assert "Horovod is not installed in this environment: `make horovod`" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_config_that_is_not_text_exits_2_before_writing_anything(tmp_path: Path):

@@ -19,7 +19,7 @@ from pipeline.config import Config
 from tests.conftest import small_config
 from tests.helpers import ROOT, checkpoint_tensors, dcgan, read_scalars, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.horovod]
 
 BATCH = 16
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
+from pipeline import config, storage
 from pipeline.checkpoint import LATEST, MANIFEST, CheckpointError, verify
 from pipeline.config import ConfigError
 from pipeline.context import available_cpus
@@ -115,6 +115,30 @@ def test_a_stale_lease_is_taken_over(tmp_path: Path, caplog):
             assert json.loads((tmp_path / "run.lease").read_text())["id"] == lease.id
         assert "took over the stale lease" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "junk",
+    ["not json at all", "[1, 2]", '{"heartbeat": "soon", "pid": [1], "host": 3}', '{"heartbeat": 1e999}', "DIRECTORY"],
+)
+def test_a_lease_holding_junk_is_taken_over_not_a_traceback(tmp_path: Path, junk: str, caplog):
+    runs = storage.location(tmp_path)
+    if junk == "DIRECTORY":
+        (tmp_path / "run.lease" / "inside").mkdir(parents=True)
+    else:
+        (tmp_path / "run.lease").write_text(junk)
+    with caplog.at_level(logging.WARNING), RunLease(runs, "run") as lease:
+        assert json.loads((tmp_path / "run.lease").read_text())["id"] == lease.id
+    assert "took over the stale lease" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_resume_may_switch_global_batchnorm(tmp_path: Path):
+    """sync_batchnorm changes no tensor name or shape: a checkpoint of either setting resumes."""
+    plain = small_config(tmp_path, train={"steps": 2}, checkpoint={"every": 2, "keep": 2})
+    synced = small_config(tmp_path, train={"steps": 4}, checkpoint={"every": 2, "keep": 2}, model={"sync_batchnorm": True})
+    assert config.model_mismatch(plain.to_dict(), synced) == []
+    assert config.model_mismatch(plain.to_dict(), small_config(tmp_path, model={"ngf": 16})) != []
 
 
 def test_the_lease_beats_while_held(tmp_path: Path):

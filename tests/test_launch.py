@@ -17,7 +17,7 @@ from tests.ddp_harness import free_port
 from tests.helpers import write_config
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 RAY_CLI = Path(sys.executable).parent / "ray"
 

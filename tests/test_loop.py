@@ -80,3 +80,21 @@ def test_progress_is_a_live_bar_on_a_terminal_and_log_lines_otherwise(caplog):
     assert "step 5/10  loss_D 0.5000" in caplog.text
 
     assert type(make_progress(False)) is Progress  # non-chief ranks print nothing
+
+
+def test_only_the_chief_draws_the_fixed_noise_grid(tmp_path: Path):
+    """The others hold a null writer: a grid drawn there would cost a G forward for nothing."""
+    from pipeline.context import RankContext
+
+    cfg = small_config(tmp_path, train={"steps": 8}, logging={"samples_every": 4})
+    ensure_prepared(cfg.data)
+    drawn = {}
+    for ctx in (RankContext(0, 0, 2), RankContext(1, 1, 2)):  # the loop's view; one backend trains here
+        with TrainingSession(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": f"r{ctx.rank}"})})) as session:
+            session.ctx = ctx
+            calls = []
+            sample = session.backend.sample
+            session.backend.sample = lambda *args, **kwargs: calls.append(1) or sample(*args, **kwargs)
+            session.run()
+        drawn[ctx.rank] = len(calls)
+    assert drawn == {0: 2, 1: 0}

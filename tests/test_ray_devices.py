@@ -19,7 +19,7 @@ from tests.helpers import local_ray
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,8 +1,15 @@
-"""Data-parallel training on a real local Ray cluster (127.0.0.1, 4 logical CPUs, 2 workers)."""
+"""Data-parallel training on a real local Ray cluster (127.0.0.1, 4 logical CPUs, 2 workers),
+with runs on disk and in object storage (a real S3-compatible server on 127.0.0.1, moto's
+server mode).
+
+One uninterrupted 2-worker run (`reference`, traced) serves every comparison: the disjoint
+slices are read from its traces, and the SIGTERM, SIGKILL and object-storage runs must end
+bit-identical to its step-12 checkpoint."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -10,23 +17,26 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config
-from pipeline.job import plan
+from pipeline import storage
+from pipeline.checkpoint import LATEST, MANIFEST, fetch
+from pipeline.config import Config, ConfigError
+from pipeline.job import Job, plan
 from tests.conftest import small_config
-from tests.helpers import checkpoint_tensors, local_ray, traced_worker
+from tests.helpers import checkpoint_tensors, local_ray, read_scalars, s3_server, tensors_in, traced_worker
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 BATCH, STEPS_PER_EPOCH = 16, 16  # 256 synthetic images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    with local_ray(__name__):
-        yield
+@pytest.fixture(scope="module")
+def s3_base():
+    with s3_server() as base:  # first: the Ray workers inherit its AWS variables
+        with local_ray(__name__):
+            yield base
 
 
 def ray_config(tmp_path: Path, name: str, workers: int = 2, **sections) -> Config:
@@ -42,12 +52,36 @@ def final_state(cfg: Config, step: int) -> dict[str, torch.Tensor]:
     return checkpoint_tensors(cfg.run_dir, step)
 
 
-def test_two_workers_read_disjoint_slices_covering_the_epoch(tmp_path: Path):
-    cfg = ray_config(tmp_path, "two", train={"steps": STEPS_PER_EPOCH})
-    metrics = ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path))
+def assert_same_as(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    assert reference.keys() == state.keys()
+    for name in reference:
+        assert torch.equal(reference[name], state[name]), f"{name} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def reference(s3_base, tmp_path_factory) -> tuple[Config, Path, dict]:
+    """One epoch on 2 workers, uninterrupted (checkpoints every 4 steps; 12 and 16 kept). As its
+    last step ends, a STOP request reaches the driver, as a `ray job stop` would: the run has
+    finished, so it ends as finished, not as stopped."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    cfg = ray_config(tmp_path, "reference", train={"steps": STEPS_PER_EPOCH})
+    traces = tmp_path / "traces"
+    traces.mkdir()
+
+    def stop_at_the_end(rank: int, loop_config: dict) -> None:
+        if rank == 0:
+            storage.location(Job(**loop_config["job"]).run_address).write_text(ray_runner.STOP_FILE, "late\n")
+
+    metrics = ray_runner.run(plan(cfg), train_fn=traced_worker(traces, after=stop_at_the_end))
+    assert not (cfg.run_dir / ray_runner.STOP_FILE).exists()
+    return cfg, traces, metrics
+
+
+def test_two_workers_read_disjoint_slices_covering_the_epoch(reference):
+    cfg, traces, metrics = reference
     assert metrics["step"] == STEPS_PER_EPOCH and 0 < metrics["d/real"] < 1
 
-    seen = {int(p.name[4]): np.load(p) for p in tmp_path.glob("rank*-pid*.npy")}
+    seen = {int(p.name[4]): np.load(p) for p in traces.glob("rank*-pid*.npy")}
     assert sorted(seen) == [0, 1]
     assert seen[0].shape == seen[1].shape == (STEPS_PER_EPOCH, BATCH // 2)
     assert not set(seen[0].ravel()) & set(seen[1].ravel())
@@ -61,61 +95,64 @@ def test_two_workers_read_disjoint_slices_covering_the_epoch(tmp_path: Path):
     assert (cfg.run_dir / "tb").is_dir() and (cfg.run_dir / "config.yaml").is_file()
 
 
-def test_a_sigkilled_worker_costs_one_checkpoint_interval_and_nothing_else(tmp_path: Path):
-    reference = ray_config(tmp_path, "reference", train={"steps": 12})
-    ray_runner.run(plan(reference))
-
-    killed = ray_config(tmp_path, "killed", train={"steps": 12, "max_failures": 1})
+def test_a_two_worker_run_in_a_bucket_resumes_from_it_after_a_sigkilled_worker(reference, s3_base: str, tmp_path: Path):
+    """A SIGKILLed worker costs one checkpoint interval and nothing else, with the run and its
+    prepared data in object storage."""
+    cfg = ray_config(
+        tmp_path, "in-bucket", train={"steps": 12, "max_failures": 1},
+        runtime={"runner": "ray", "storage_path": s3_base},
+        data={"prepared_dir": storage.join(s3_base, "prepared/synthetic")},
+    )  # fmt: skip
     traces = tmp_path / "traces"
     traces.mkdir()
-    metrics = ray_runner.run(plan(killed), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=7))
+    metrics = ray_runner.run(plan(cfg), train_fn=traced_worker(traces, kill_rank=1, kill_at_step=7))
     assert (traces / "killed").exists() and metrics["step"] == 12
 
-    # The second attempt started from the step-4 checkpoint: 8 more steps on each rank.
+    run = storage.location(cfg.run_address)
+    checkpoints = run.child("checkpoints")
+    assert checkpoints.list() == [LATEST, "step-00000008", "step-00000012"]
+    assert checkpoints.exists(f"step-00000012/{MANIFEST}") and checkpoints.read_text(LATEST).strip() == "step-00000012"
+    # The restart read the step-4 checkpoint back from the bucket: 8 more steps on each rank.
     lengths = sorted(len(np.load(p)) for p in traces.glob("rank*-pid*.npy"))
     assert lengths[-2:] == [8, 8], lengths
+    restored = fetch(storage.join(cfg.run_address, "checkpoints/step-00000012"))
+    reference_cfg = reference[0]
+    assert_same_as(final_state(reference_cfg, 12), tensors_in(restored.path))
 
-    a, b = final_state(reference, 12), final_state(killed, 12)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
+    # Events, samples and the resolved config reached the bucket too.
+    assert {"config.yaml", "tb", "samples"} <= set(run.list())
+    assert "samples" in run.list() and "step-00000012.png" in run.list("samples")
+    events = tmp_path / "events"
+    run.download("tb", events)
+    assert max(read_scalars(events)["loss/d"]) == 12
 
 
-def test_without_max_failures_a_lost_worker_fails_the_run_clearly(tmp_path: Path):
+def test_without_max_failures_a_lost_worker_fails_the_run_clearly(s3_base, tmp_path: Path):
     cfg = ray_config(tmp_path, "fragile", train={"steps": 8, "max_failures": 0})
     with pytest.raises(ray_runner.RunFailed, match="train.max_failures=0"):
         ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path, kill_rank=0, kill_at_step=3))
 
 
-def test_resubmitting_resumes_and_a_checkpoint_moves_to_fewer_workers(tmp_path: Path, caplog):
-    first = ray_config(tmp_path, "elastic", train={"steps": 4})
-    ray_runner.run(plan(first))
-    again = ray_config(tmp_path, "elastic", train={"steps": 8})
-    assert ray_runner.run(plan(again))["step"] == 8  # the same name picks up step 4
-
-    fewer = ray_config(tmp_path, "elastic", workers=1, train={"steps": 12})
+def test_resubmitting_resumes_and_a_checkpoint_moves_to_fewer_workers(reference, tmp_path: Path):
+    """The reference run, resubmitted under its name on one worker, picks up its step 16."""
+    shutil.copytree(reference[0].run_dir, tmp_path / "runs" / "elastic")
+    fewer = ray_config(tmp_path, "elastic", workers=1, train={"steps": 20})
     traces = tmp_path / "traces"
     traces.mkdir()
     metrics = ray_runner.run(plan(fewer), train_fn=traced_worker(traces))
-    assert metrics["step"] == 12
+    assert metrics["step"] == 20
     (trace,) = [np.load(p) for p in traces.glob("rank0-*.npy")]
-    assert trace.shape == (4, BATCH)  # steps 9..12, the whole global batch on one rank
+    assert trace.shape == (4, BATCH)  # steps 17..20, the whole global batch on one rank
     # The data position carried over: the one rank reads what the two ranks would have read.
     from pipeline.data import DataPosition, EpochSharder
 
-    sharder = EpochSharder(256, BATCH, fewer.train.seed, start=DataPosition(0, 8))
+    sharder = EpochSharder(256, BATCH, fewer.train.seed, start=DataPosition(1, 0))
     assert all(np.array_equal(next(sharder), row) for row in trace)
-    manifest = json.loads((fewer.run_dir / "checkpoints" / "step-00000012" / "manifest.json").read_text())
+    manifest = json.loads((fewer.run_dir / "checkpoints" / "step-00000020" / "manifest.json").read_text())
     assert manifest["world_size"] == 1
 
-    other = ray_config(tmp_path, "elsewhere", workers=1, train={"steps": 4})
-    assert ray_runner.run(plan(other))["step"] == 4
-    assert not (other.run_dir / "checkpoints" / "step-00000008").exists()
 
-
-def test_sigterm_to_a_worker_checkpoints_at_a_step_boundary_and_the_retry_loses_no_step(tmp_path: Path):
-    reference = ray_config(tmp_path, "uninterrupted", train={"steps": 12})
-    ray_runner.run(plan(reference))
+def test_sigterm_to_a_worker_checkpoints_at_a_step_boundary_and_the_retry_loses_no_step(reference, tmp_path: Path):
     # Checkpoints only at 8 and 12: a worker that died on SIGTERM at step 5 would cost 5 steps.
     sections = {"train": {"steps": 12, "max_failures": 1}, "checkpoint": {"every": 8, "keep": 2, "stop_check_every": 1}}
     stopped = ray_config(tmp_path, "sigterm", **sections)
@@ -129,7 +166,7 @@ def test_sigterm_to_a_worker_checkpoints_at_a_step_boundary_and_the_retry_loses_
     for rank in (0, 1):
         runs = sorted(len(np.load(p)) for p in traces.glob(f"rank{rank}-pid*.npy"))
         assert len(runs) == 2 and sum(runs) == 12 and 5 <= max(runs) < 12, runs
-    a, b = final_state(reference, 12), final_state(stopped, 12)
+    a, b = final_state(reference[0], 12), final_state(stopped, 12)
     for name in a:
         if "running_" in name:
             # The stop's checkpoint averaged the ranks' BatchNorm statistics once more than the
@@ -139,7 +176,15 @@ def test_sigterm_to_a_worker_checkpoints_at_a_step_boundary_and_the_retry_loses_
             assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
 
 
-def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_naming_its_node(tmp_path: Path):
+def test_a_process_already_connected_without_the_horovod_environment_is_told_how(s3_base):
+    """A notebook's ray.init() without RAY_TRAIN_V2_ENABLED=0 for the workers: Horovod's V1
+    workers would never get it, so the run is refused naming what to pass."""
+    with pytest.raises(ConfigError, match=r"runtime_env=\{'env_vars': \{'RAY_TRAIN_V2_ENABLED': '0'\}\}"):
+        ray_runner._check_connected_env(ray_runner.RAY_TRAINERS["horovod"])
+    ray_runner._check_connected_env(ray_runner.RAY_TRAINERS["ddp"])  # needs nothing
+
+
+def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_naming_its_node(s3_base, tmp_path: Path):
     import socket
 
     def hide_the_share(rank: int, loop_config: dict) -> None:
@@ -157,7 +202,7 @@ def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_nam
     assert not list((cfg.run_dir / "checkpoints").glob("step-*"))  # nothing trained onto one node's disk
 
 
-def test_ray_ranks_checkpoints_by_fid_and_the_best_survives_retention(tmp_path: Path, caplog):
+def test_ray_ranks_checkpoints_by_fid_and_the_best_survives_retention(s3_base, tmp_path: Path, caplog):
     from pipeline import tensorboard as tb
     from tests.helpers import read_scalars
 

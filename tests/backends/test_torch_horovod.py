@@ -16,7 +16,7 @@ from tests.conftest import small_config
 from tests.ddp_harness import run_ranks
 from tests.horovod_harness import run_horovod
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.horovod]
 
 STEPS = 5
 PROGRAMS = "tests.backends.rank_programs"

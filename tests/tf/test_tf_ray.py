@@ -15,7 +15,7 @@ from tests.helpers import local_ray
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,13 +11,14 @@
 #   cpu  Gloo only. partial-cuda-toolkit.patch lets a CUDA build of PyTorch build it where the
 #        toolkit is partial (nvcc without the runtime) instead of failing to link cudart.
 #   auto gpu where the toolkit is complete, else cpu.
-# The wheel is cached under .cache/horovod, named after Horovod, PyTorch, the variant and the
-# patches, so a rebuilt .venv reinstalls it in seconds.
+# The wheel is cached in the user's cache (HOROVOD_WHEEL_CACHE, default ~/.cache/dcgan/horovod),
+# named after Horovod, PyTorch, the variant and the patches, so a rebuilt .venv, or a new clone
+# on the same machine (CI), reinstalls it in seconds; a change to any of them builds anew.
 set -euo pipefail
 
 python=${1:?usage: build.sh PYTHON}
 here=$(cd "$(dirname "$0")" && pwd)
-cache=${HOROVOD_WHEEL_CACHE:-$here/../../.cache/horovod}
+cache=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dcgan/horovod}
 version=0.28.1
 patches=("$here/cxx20.patch" "$here/partial-cuda-toolkit.patch")
 

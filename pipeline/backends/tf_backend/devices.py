@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -46,11 +47,18 @@ def make_strategy(world_size: int) -> tf.distribute.Strategy:
     it built alone would wait for the others forever."""
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
     if world_size > 1 and len(workers) > 1:
-        # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
-        with native_stderr_captured():
-            return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy()
     devices = _local_devices()
     return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+
+
+@functools.cache
+def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """One per process: it configures the process's collective runtime once (a second one would
+    not join the first's cluster), so every backend a worker builds trains under the same one."""
+    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
+    with native_stderr_captured():
+        return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def local_replicas(requested: str) -> int:

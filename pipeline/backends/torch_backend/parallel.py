@@ -152,9 +152,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        # Statistics at least in float32, as BatchNorm keeps them: under bf16 / fp16 autocast x is
+        # half precision, and so would be the running statistics' update (a dtype error).
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
         count = x.numel() // x.shape[1] * self.world_size
-        mean = self.world_sum(x.sum(dim=(0, 2, 3))) / count
-        centered = x - mean[None, :, None, None]
+        mean = self.world_sum(x.sum(dim=(0, 2, 3), dtype=stats_dtype)) / count
+        centered = x.to(stats_dtype) - mean[None, :, None, None]
         var = self.world_sum(centered.square().sum(dim=(0, 2, 3))) / count
         if self.track_running_stats:
             with torch.no_grad():
@@ -162,7 +165,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as BatchNorm
         out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
-        return out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return (out * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
 
 
 def use_global_batchnorm(module: nn.Module, world_sum: WorldSum, world_size: int) -> None:

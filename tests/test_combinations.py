@@ -1,0 +1,88 @@
+"""The combination matrix, torch rows (tests/combinations.py says how it is built): every row
+trains, checkpoints, resumes, dry-runs (a checkpoint round trip), samples, exports, evaluates
+and converts to TensorFlow and back; every invalid combination is refused naming its fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import cli
+from pipeline.backends.base import holds_average
+from tests import combinations
+from tests.helpers import s3_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FRAMEWORK = "torch"
+ROWS = [row for row in combinations.pairwise_rows() if row["backend"] == FRAMEWORK]
+
+
+def test_the_matrix_is_the_schema():
+    """A new Literal or bool option is an axis unless excluded with a reason; exclusions name real fields."""
+    enumerable = combinations.enumerable_fields()
+    assert set(combinations.EXCLUDED) <= set(enumerable), set(combinations.EXCLUDED) - set(enumerable)
+    assert set(combinations.axes()) == (set(enumerable) - set(combinations.EXCLUDED)) | set(combinations.SAMPLED)
+    valid, invalid = combinations.split()
+    assert len(valid) + len(invalid) == len(list(combinations.product()))
+    # Pairwise: every two values that train together anywhere train together in some row.
+    covered = set().union(*(combinations._pairs(row) for row in combinations.pairwise_rows()))
+    assert covered == set().union(*(combinations._pairs(row) for row in valid))
+
+
+def test_every_invalid_combination_is_refused_naming_its_fields():
+    _, invalid = combinations.split()
+    assert invalid
+    for row, message in invalid:
+        named = [field for field in ("backend", "distributed.strategy", "runtime.runner") if field in message]
+        assert len(named) >= 2, (combinations.row_id(row), message)
+
+
+def test_an_invalid_combination_exits_2_and_writes_nothing(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    seen = set()
+    for row, message in combinations.split()[1]:
+        kind = message.splitlines()[1]
+        if kind in seen:
+            continue
+        seen.add(kind)
+        overrides = [f"{k}={'null' if v == 'path' else v}" for k, v in row.items() if k != "runtime.storage_path"]
+        raw = {"run": {"name": "bad", "dir": str(tmp_path / "runs")}}
+        config_file = tmp_path / "c.yaml"
+        config_file.write_text(yaml.safe_dump(raw))
+        assert cli.main(["train", "--config", str(config_file), *sum((["--set", o] for o in overrides), [])]) == 2
+        assert kind.strip().split(":")[0] in capsys.readouterr().err
+    assert len(seen) == 2
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """Every torch row, launched by kind."""
+    work = tmp_path_factory.mktemp("matrix")
+    with s3_server() as s3_base:
+        planned, failures = combinations.launch_all(ROWS, work, s3_base)
+        yield work, planned, failures
+
+
+@pytest.mark.parametrize("name", [combinations.row_id(row) for row in ROWS])
+def test_row(matrix, name: str, tmp_path: Path):
+    _, planned, failures = matrix
+    row, raw, scratch = planned[name]
+    kind = combinations.launch_kind(row)
+    assert kind not in failures, f"the {kind} launch failed: {failures.get(kind)}"
+    combinations.check_row(row, raw, scratch, tmp_path)
+
+
+def test_every_row_converts_to_tensorflow_and_back(matrix):
+    work, planned, failures = matrix
+    assert not failures, failures
+    convert_dir = work / "convert"
+    convert_dir.mkdir()
+    differing = combinations.convert_there_and_back(combinations.last_checkpoints(planned), FRAMEWORK, convert_dir)
+    assert not any(differing.values()), {k: v[:5] for k, v in differing.items() if v}
+    for name, (row, _, _) in planned.items():  # G's average crossed too, where the row keeps one
+        assert holds_average(np.load(convert_dir / f"{name}.npz")) == bool(row["model.g_ema_decay"]), name
