@@ -206,12 +206,13 @@ def row_config(row: dict[str, Any], index: int, tmp: Path, s3_base: Optional[str
 # --- on the ranks --------------------------------------------------------------------------
 
 
-def _shared_job(directory: Path, name: str, rank: int, planner) -> Any:
+def shared_job(directory: Path, name: str, rank: int, planner) -> Any:
     """Rank 0 plans (the driver's part) and hands the job to the others through a file."""
     from pipeline.job import Job
 
     path = directory / f"{name}.job.json"
     if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
         job = planner()
         staged = path.with_suffix(".tmp")
         staged.write_text(json.dumps({"config": job.config, "start": job.start,
@@ -243,7 +244,7 @@ def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str) -> None:
         ("resume", lambda: plan(resumed)),
         ("dry_run", lambda: plan(cfg, dry_run_steps=DRY_RUN_STEPS)),
     ):
-        job = _shared_job(scratch_dir, phase, rank, planner) if world > 1 else planner()
+        job = shared_job(scratch_dir, phase, rank, planner) if world > 1 else planner()
         outcome[phase] = {"start": job.start, "result": job.run(ctx)}
     (scratch_dir / f"rank{rank}.json").write_text(json.dumps(outcome, default=str))
 
@@ -271,7 +272,11 @@ def launch(kind: str, rows: list[tuple[dict[str, Any], str]], work: Path) -> Non
     """Run `rows` ([config, scratch directory]) on the ranks of `kind`, all in one launch."""
     rows_file = work / f"{kind}-rows.json"
     rows_file.write_text(json.dumps(rows))
-    if kind == "local":
+    if kind == "local" and rows[0][0]["backend"] == "tensorflow":
+        # A process of its own: the TF test process mirrors over two logical CPUs, and two
+        # MirroredStrategy trainings in one process can clash (docs/ARCHITECTURE.md, traps).
+        _run_module(["local", str(rows_file)])
+    elif kind == "local":
         run_rows(0, 1, str(rows_file))
     elif kind == "ddp":
         from tests.ddp_harness import run_ranks
@@ -342,6 +347,16 @@ def last_checkpoints(planned: dict[str, tuple]) -> dict[str, str]:
     return addresses
 
 
+def _run_module(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.combinations", *args], cwd=root, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert done.returncode == 0, f"tests.combinations {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}"
+
+
 def outcomes(scratch: Path) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted(scratch.glob("rank*.json"))]
 
@@ -361,6 +376,8 @@ if __name__ == "__main__":
 
     if sys.argv[1] == "convert":  # convert PAIRS_FILE FRAMEWORK
         convert_side(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "local":  # local ROWS_FILE: one rank, this process
+        run_rows(0, 1, sys.argv[2])
     else:  # one MultiWorkerMirroredStrategy worker: RANK WORLD ROWS_FILE PORT_BASE
         _mwms_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 
@@ -402,16 +419,12 @@ def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path
 def convert_there_and_back(checkpoints: dict[str, str], source: str, work: Path) -> dict[str, list[str]]:
     """Every checkpoint (by row id) to the other framework and back in one process of each
     side after this one; returns, per row, the arrays that did not come back identical."""
-    import subprocess
-    import sys
-
     import numpy as np
 
     from pipeline.checkpoint import fetch
     from pipeline.convert import export_arrays
 
     target = "tensorflow" if source == "torch" else "torch"
-    root = Path(__file__).resolve().parents[1]
     there, back = [], []
     for name, address in checkpoints.items():
         local = fetch(address).path
@@ -420,9 +433,7 @@ def convert_there_and_back(checkpoints: dict[str, str], source: str, work: Path)
         back.append([str(work / f"{name}-{target}.npz"), str(work / f"{name}-{target}"), str(work / f"{name}-back")])
     for pairs, framework in ((there, target), (back, source)):
         (work / f"to-{framework}.json").write_text(json.dumps(pairs))
-        done = subprocess.run([sys.executable, "-m", "tests.combinations", "convert", str(work / f"to-{framework}.json"), framework],
-                              cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-4000:]
+        _run_module(["convert", str(work / f"to-{framework}.json"), framework])
     differing = {}
     for name in checkpoints:
         before, after = np.load(work / f"{name}.npz"), np.load(work / f"{name}-back.npz")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tests.helpers import dcgan, write_config
 pytestmark = pytest.mark.integration
 
 
-def test_dry_run_of_the_shipped_config(tmp_path: Path):
+def test_dry_run_of_the_shipped_config(tmp_path: Path, in_process):
     # configs/dryrun.yaml goes through Ray Train (a local Ray on 127.0.0.1), one worker; a
     # RAY_ADDRESS left in the environment (wherever a head was started) does not redirect it.
     result = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", cwd=tmp_path,
@@ -35,7 +37,7 @@ def test_dry_run_of_the_shipped_config(tmp_path: Path):
     assert Image.open(scratch / "samples" / "step-00000012.png").size[0] > 32
     assert not (tmp_path / "runs" / "dryrun").exists(), "a dry run must not touch the real run"
 
-    again = dcgan("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", "--runner", "local", cwd=tmp_path)
+    again = in_process("train", "--config", ROOT / "configs" / "dryrun.yaml", "--dry-run", "--runner", "local")
     assert again.returncode == 0, again.stderr
     assert "RayTrainWorker" not in again.stderr and "dry run: OK" in again.stdout
     assert "prepared" not in again.stderr  # the shards of the first run are reused
@@ -87,11 +89,12 @@ def test_the_horovod_strategy_without_horovod_installed_exits_2(tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_config_that_is_not_text_exits_2_before_writing_anything(tmp_path: Path):
+def test_a_config_that_is_not_text_exits_2_before_writing_anything(tmp_path: Path, monkeypatch):
     not_text = tmp_path / "grid.png"
     not_text.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))  # e.g. a sample grid passed by mistake
     work = tmp_path / "work"
     work.mkdir()
+    # A fresh process: what a user sees, traceback or not, on the terminal.
     result = dcgan("train", "--config", not_text, cwd=work)
     assert result.returncode == 2, result.stderr
     assert f"config file {not_text} is not UTF-8 text (byte 0x89 at offset 0)" in result.stderr
@@ -99,43 +102,63 @@ def test_a_config_that_is_not_text_exits_2_before_writing_anything(tmp_path: Pat
     assert list(work.iterdir()) == [], "nothing may be written on a config error"
 
 
-def _train(tmp_path: Path, cfg, *extra: str):
-    return dcgan("train", "--config", write_config(tmp_path / f"{cfg.run.name}.yaml", cfg), *extra, cwd=tmp_path)
+class InProcess:
+    """`dcgan ARGS` through pipeline.cli.main in this process, where a fresh process is not
+    what a test proves: (exit code, stdout, stderr with the log lines)."""
+
+    def __init__(self, capsys, caplog):
+        self.capsys, self.caplog = capsys, caplog
+
+    def __call__(self, *args) -> subprocess.CompletedProcess:
+        self.caplog.clear()
+        with self.caplog.at_level(logging.INFO):
+            code = cli.main([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err + self.caplog.text)
+
+    def train(self, tmp_path: Path, cfg, *extra: str) -> subprocess.CompletedProcess:
+        return self("train", "--config", write_config(tmp_path / f"{cfg.run.name}.yaml", cfg), *extra)
 
 
-def test_sample_grid_and_separate_images(tmp_path: Path):
+@pytest.fixture
+def in_process(tmp_path: Path, monkeypatch, capsys, caplog) -> InProcess:
+    monkeypatch.chdir(tmp_path)
+    return InProcess(capsys, caplog)
+
+
+def test_sample_grid_and_separate_images(tmp_path: Path, in_process):
     cfg = small_config(tmp_path, train={"steps": 4})
-    assert _train(tmp_path, cfg).returncode == 0
+    assert in_process.train(tmp_path, cfg).returncode == 0
     checkpoint = cfg.run_dir / "checkpoints" / "step-00000004"
     grid = tmp_path / "grid.png"
-    result = dcgan("sample", "--checkpoint", checkpoint, "--num", "9", "--out", grid, cwd=tmp_path)
+    result = in_process("sample", "--checkpoint", checkpoint, "--num", "9", "--out", grid)
     assert result.returncode == 0, result.stderr
     assert Image.open(grid).size == (3 * 34 + 2, 3 * 34 + 2)  # 3x3 grid of 32 px with 2 px padding
     again = tmp_path / "again.png"
-    assert dcgan("sample", "--checkpoint", checkpoint, "--num", "9", "--out", again, cwd=tmp_path).returncode == 0
+    assert in_process("sample", "--checkpoint", checkpoint, "--num", "9", "--out", again).returncode == 0
     assert grid.read_bytes() == again.read_bytes()  # same seed, same images
 
     out_dir = tmp_path / "separate"
-    result = dcgan("sample", "--checkpoint", checkpoint, "--num", "5", "--out", out_dir, "--separate", cwd=tmp_path)
+    result = in_process("sample", "--checkpoint", checkpoint, "--num", "5", "--out", out_dir, "--separate")
     assert result.returncode == 0, result.stderr
     files = sorted(out_dir.glob("*.png"))
     assert len(files) == 5 and all(Image.open(f).size == (32, 32) for f in files)
 
-    missing = dcgan("sample", "--checkpoint", tmp_path / "nowhere", "--out", grid, cwd=tmp_path)
+    missing = in_process("sample", "--checkpoint", tmp_path / "nowhere", "--out", grid)
     assert missing.returncode == 2 and "no manifest.json" in missing.stderr
 
 
-def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path: Path):
+def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path: Path, in_process):
     cfg = small_config(tmp_path, train={"steps": 8, "lr": 1e30})
-    result = _train(tmp_path, cfg)
+    result = in_process.train(tmp_path, cfg)
     assert result.returncode == 1
     assert "non-finite loss or gradient in steps 1..2" in result.stderr
     assert not list((cfg.run_dir / "checkpoints").glob("step-*"))
 
 
-def test_resume_fresh_explicit_and_fallback(tmp_path: Path):
+def test_resume_fresh_explicit_and_fallback(tmp_path: Path, in_process):
     cfg = small_config(tmp_path, train={"steps": 8})
-    first = _train(tmp_path, cfg)
+    first = in_process.train(tmp_path, cfg)
     assert first.returncode == 0, first.stderr
     checkpoints = cfg.run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004", "step-00000008"]
@@ -146,31 +169,31 @@ def test_resume_fresh_explicit_and_fallback(tmp_path: Path):
     damaged[len(damaged) // 2] ^= 0xFF
     payload.write_bytes(bytes(damaged))
     cfg.train.steps = 10
-    resumed = _train(tmp_path, cfg)
+    resumed = in_process.train(tmp_path, cfg)
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping checkpoint" in resumed.stderr and "step-00000008" in resumed.stderr
     assert f"resuming from {checkpoints / 'step-00000004'} (step 4," in resumed.stderr
 
     # --resume picks a checkpoint explicitly (keep=2 left steps 8 and 10 by now).
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008", "step-00000010"]
-    explicit = _train(tmp_path, cfg, "--resume", str(checkpoints / "step-00000008"))
+    explicit = in_process.train(tmp_path, cfg, "--resume", str(checkpoints / "step-00000008"))
     assert explicit.returncode == 0 and "(step 8," in explicit.stderr
 
     # A different model is a clear error, not a crash inside load_state_dict.
     other = cfg.model_copy(deep=True)
     other.model.ngf = 16
-    mismatch = _train(tmp_path, other)
+    mismatch = in_process.train(tmp_path, other)
     assert mismatch.returncode == 2
     assert "model.ngf: checkpoint has 8, config asks for 16" in mismatch.stderr
 
     # --fresh starts over and keeps the previous run beside the new one.
-    fresh = _train(tmp_path, cfg, "--fresh")
+    fresh = in_process.train(tmp_path, cfg, "--fresh")
     assert fresh.returncode == 0 and "resuming" not in fresh.stderr
     kept = list(cfg.run.dir.glob(f"{cfg.run.name}.replaced-*"))
     assert len(kept) == 1 and (kept[0] / "checkpoints" / "step-00000010" / "manifest.json").is_file()
 
 
-def test_prepare_reports_skipped_files(tmp_path: Path):
+def test_prepare_reports_skipped_files(tmp_path: Path, in_process):
     images = tmp_path / "images"
     images.mkdir()
     for index in range(3):
@@ -178,13 +201,13 @@ def test_prepare_reports_skipped_files(tmp_path: Path):
     (images / "broken.jpg").write_text("not an image")
     cfg = small_config(tmp_path, data={"source": "folder", "root": str(images), "channels": 3})
     config_file = write_config(tmp_path / "folder.yaml", cfg)
-    result = dcgan("prepare", "--config", config_file, cwd=tmp_path)
+    result = in_process("prepare", "--config", config_file)
     assert result.returncode == 0, result.stderr
     assert "prepared 3 images (32, 32, 3)" in result.stdout and "skipped broken.jpg" in result.stdout
-    again = dcgan("prepare", "--config", config_file, cwd=tmp_path)
+    again = in_process("prepare", "--config", config_file)
     assert again.returncode == 2 and "--force" in again.stderr
-    assert dcgan("prepare", "--config", config_file, "--force", cwd=tmp_path).returncode == 0
+    assert in_process("prepare", "--config", config_file, "--force").returncode == 0
 
     empty = small_config(tmp_path, data={"source": "folder", "root": str(tmp_path / "none"), "prepared_dir": str(tmp_path / "p2")})
-    failed = dcgan("prepare", "--config", write_config(tmp_path / "empty.yaml", empty), cwd=tmp_path)
+    failed = in_process("prepare", "--config", write_config(tmp_path / "empty.yaml", empty))
     assert failed.returncode == 2 and "is not a directory" in failed.stderr

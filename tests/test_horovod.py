@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import cli
 from pipeline.config import Config
 from tests.conftest import small_config
-from tests.helpers import ROOT, checkpoint_tensors, dcgan, read_scalars, write_config
+from tests.helpers import ROOT, checkpoint_tensors, read_scalars, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.horovod]
 
@@ -52,10 +53,17 @@ def manifest(cfg: Config, step: int) -> dict:
     return json.loads((cfg.run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())
 
 
-def test_horovodrun_trains_checkpoints_and_resumes_exactly(tmp_path: Path):
-    straight = horovod_config(tmp_path, "straight", 8)
-    launch(write_config(tmp_path / "straight.yaml", straight))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Config:
+    """12 uninterrupted horovodrun steps (checkpoints every 4; 8 and 12 kept): what the resumed
+    and the SIGKILLed runs must end identical to."""
+    tmp_path = tmp_path_factory.mktemp("horovod-reference")
+    cfg = horovod_config(tmp_path, "reference", 12)
+    launch(write_config(tmp_path / "reference.yaml", cfg))
+    return cfg
 
+
+def test_horovodrun_trains_checkpoints_and_resumes_exactly(reference, tmp_path: Path):
     first = horovod_config(tmp_path, "resumed", 4)
     launch(write_config(tmp_path / "first.yaml", first))
     resumed = horovod_config(tmp_path, "resumed", 8)
@@ -63,17 +71,30 @@ def test_horovodrun_trains_checkpoints_and_resumes_exactly(tmp_path: Path):
     assert "resuming from" in second.stderr and "(step 4, written by 2 rank(s), now 2)" in second.stderr
 
     assert manifest(resumed, 8)["world_size"] == 2
-    assert_same(checkpoint_state(straight, 8), checkpoint_state(resumed, 8), "the resumed run differs from the straight one")
+    assert_same(checkpoint_state(reference, 8), checkpoint_state(resumed, 8), "the resumed run differs from the straight one")
     scalars = read_scalars(resumed.run_dir / "tb")
     assert sorted(scalars["loss/d"]) == [2, 4, 6, 8]  # one event per logged step, across the resume
     assert all(np.isfinite(v) for v in scalars["loss/g"].values())
 
 
-def test_a_ddp_checkpoint_resumes_under_horovod_and_back(tmp_path: Path):
-    """DDP on Ray (2 workers) to step 4, Horovod (horovodrun, 2 processes) to step 8, DDP again to 12."""
+def ddp_leg(rank: int, world: int, raw: dict, scratch: str) -> None:
+    """One DDP rank of a run: rank 0 plans it (resuming what the run holds), every rank trains."""
+    from pipeline import config
+    from pipeline.context import RankContext
+    from pipeline.job import plan
+    from tests.combinations import shared_job
+
+    cfg = config.validate(raw, "ddp leg")
+    shared_job(Path(scratch), "ddp", rank, lambda: plan(cfg)).run(RankContext(rank, rank, world, "cpu"))
+
+
+def test_a_ddp_checkpoint_resumes_under_horovod_and_back(tmp_path: Path, caplog):
+    """DDP (2 gloo ranks, as Ray's TorchTrainer starts them) to step 4, Horovod (horovodrun, 2
+    processes) to step 8, DDP again to 12."""
+    from tests.ddp_harness import run_ranks
+
     ddp = horovod_config(tmp_path, "shared", 4, runtime={"runner": "ray"})
-    done = dcgan("train", "--config", write_config(tmp_path / "ddp.yaml", ddp), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ranks(2, ddp_leg, ddp.to_dict(), str(tmp_path / "leg1"))
     assert manifest(ddp, 4)["config"]["distributed"]["strategy"] == "ddp"
 
     horovod = horovod_config(tmp_path, "shared", 8)
@@ -82,19 +103,16 @@ def test_a_ddp_checkpoint_resumes_under_horovod_and_back(tmp_path: Path):
     assert manifest(horovod, 8)["config"]["distributed"]["strategy"] == "horovod"
 
     back = horovod_config(tmp_path, "shared", 12, runtime={"runner": "ray"})
-    third = dcgan("train", "--config", write_config(tmp_path / "back.yaml", back), cwd=tmp_path)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "(step 8, written by 2 rank(s), now 2)" in third.stderr
+    run_ranks(2, ddp_leg, back.to_dict(), str(tmp_path / "leg3"))
+    assert manifest(back, 12)["world_size"] == 2
     scalars = read_scalars(back.run_dir / "tb")
-    assert sorted(scalars["loss/d"]) == [2, 4, 6, 8, 10, 12]
+    assert sorted(scalars["loss/d"]) == [2, 4, 6, 8, 10, 12]  # the resumes continued the run's events
     assert all(np.isfinite(v) for v in scalars["loss/d"].values())
 
 
-def test_on_ray_a_sigkilled_horovod_worker_resumes_from_the_last_checkpoint(tmp_path: Path):
+def test_on_ray_a_sigkilled_horovod_worker_resumes_from_the_last_checkpoint(reference, tmp_path: Path):
     """HorovodTrainer (Train V1): rank 1 dies at the start of step 7; Ray restarts both workers
     from the step-4 checkpoint, and the run ends where an uninterrupted horovodrun run ends."""
-    reference = horovod_config(tmp_path, "reference", 12)
-    launch(write_config(tmp_path / "reference.yaml", reference))
 
     killed = horovod_config(tmp_path, "killed", 12, runtime={"runner": "ray"}, distributed={"strategy": "horovod"})
     traces = tmp_path / "traces"
@@ -112,24 +130,29 @@ def test_on_ray_a_sigkilled_horovod_worker_resumes_from_the_last_checkpoint(tmp_
     assert_same(checkpoint_state(reference, 12), checkpoint_state(killed, 12), "differs from the uninterrupted run")
 
 
-def test_the_horovodrun_runner_outside_horovodrun_is_refused_naming_the_launcher(tmp_path: Path):
+def test_the_horovodrun_runner_outside_horovodrun_is_refused_naming_the_launcher(tmp_path: Path, monkeypatch, capsys):
     cfg = horovod_config(tmp_path, "alone", 4, distributed={"strategy": "horovod"}, runtime={"runner": "horovodrun"})
-    done = dcgan("train", "--config", write_config(tmp_path / "alone.yaml", cfg), cwd=tmp_path)
-    assert done.returncode == 2
-    assert "runtime.runner='horovodrun'" in done.stderr and "launch/horovod.sh" in done.stderr
-    assert not (cfg.run_dir / "checkpoints").exists()
+    monkeypatch.delenv("HOROVOD_RANK", raising=False)
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "alone.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "runtime.runner='horovodrun'" in err and "launch/horovod.sh" in err
+    assert not cfg.run_dir.exists()
 
 
-def test_a_bad_start_on_rank_0_ends_every_process_with_its_message(tmp_path: Path):
-    cfg = horovod_config(tmp_path, "bad", 4)
-    missing = tmp_path / "no-such-checkpoint"
-    done = subprocess.run(["bash", ROOT / "launch/horovod.sh", write_config(tmp_path / "bad.yaml", cfg), "--", "--resume", missing],
+def test_a_bad_start_on_rank_0_ends_every_process_with_its_message_before_anything_moves(tmp_path: Path):
+    """runtime.device=cuda on a host without one, with --fresh over an existing run: rank 0
+    refuses before the lease and before --fresh moves the run aside, and every rank ends."""
+    cfg = horovod_config(tmp_path, "bad", 4, runtime={"device": "cuda"})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text("the previous run\n")
+    done = subprocess.run(["bash", ROOT / "launch/horovod.sh", write_config(tmp_path / "bad.yaml", cfg), "--", "--fresh"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode != 0
     output = done.stdout + done.stderr
-    assert f"error: {missing}" in output or str(missing) in output  # rank 0: the checkpoint error itself
-    assert "rank 0 could not start the job" in output and str(missing) in output.split("rank 0 could not start the job")[1]
-    assert not (cfg.run_dir / "checkpoints").exists()
+    assert "runtime.device=cuda, but torch sees no CUDA device" in output  # rank 0: the error itself
+    assert "rank 0 could not start the job" in output and "runtime.device=cuda" in output.split("rank 0 could not start the job")[1]
+    assert sorted(p.name for p in cfg.run_dir.parent.iterdir()) == ["bad"], "--fresh moved the run before the check"
+    assert (cfg.run_dir / "config.yaml").read_text() == "the previous run\n"
 
 
 def test_sigterm_to_horovodrun_checkpoints_at_a_step_boundary_and_the_rerun_resumes(tmp_path: Path):

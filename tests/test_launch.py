@@ -32,10 +32,19 @@ def head(tmp_path_factory):
     assert started.returncode == 0, started.stderr
     address = started.stdout.strip().splitlines()[-1]
     assert address == f"http://127.0.0.1:{env['DASHBOARD_PORT']}"
+    # Another head's process, as `pgrep -f` sees Ray's: `head.sh stop` must leave it alone.
+    other = subprocess.Popen(["bash", "-c", "sleep 600", f"/tmp/ray-head-{free_port()}/session_x/raylet"])
     try:
         yield env, address
     finally:
-        subprocess.run(["bash", ROOT / "launch/head.sh", "stop"], env=env, capture_output=True, timeout=120)
+        stopped = subprocess.run(["bash", ROOT / "launch/head.sh", "stop"], env=env, capture_output=True, text=True, timeout=120)
+        try:
+            assert stopped.returncode == 0, stopped.stderr
+            own = subprocess.run(["pgrep", "-f", f"/tmp/ray-head-{env['RAY_PORT']}/"], capture_output=True, text=True)
+            assert own.stdout == "", f"processes of the stopped head remain: {own.stdout}"
+            assert other.poll() is None, "head.sh stop ended a process of another head"
+        finally:
+            other.kill()
 
 
 def submit(head, config: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -44,27 +53,6 @@ def submit(head, config: Path, *extra: str) -> subprocess.CompletedProcess:
         ["bash", ROOT / "launch/submit.sh", config, "--address", address, "--", *extra],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-
-
-def test_submit_streams_the_job_and_exits_with_its_status(head, tmp_path: Path):
-    cfg = small_config(tmp_path, run={"name": "job"}, train={"steps": 4}, checkpoint={"every": 2, "keep": 2},
-                       scaling={"num_workers": 1}, runtime={"runner": "ray"})  # fmt: skip
-    config = write_config(tmp_path / "job.yaml", cfg)
-
-    done = submit(head, config)
-    assert done.returncode == 0, done.stdout + done.stderr
-    logs = done.stdout + done.stderr
-    assert "RayTrainWorker" in logs and "succeeded" in logs  # the job's own log lines, streamed
-    assert (cfg.run_dir / "checkpoints" / "step-00000004" / "manifest.json").is_file()
-
-    resumed = submit(head, config, "--set", "train.steps=6")  # same run name: resumes
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming from" in resumed.stdout + resumed.stderr and "(step 4," in resumed.stdout + resumed.stderr
-    assert (cfg.run_dir / "checkpoints" / "step-00000006").is_dir()
-
-    failed = submit(head, config, "--set", "train.steps=zero")
-    assert failed.returncode != 0
-    assert "train.steps" in failed.stdout + failed.stderr and "failed" in failed.stdout + failed.stderr
 
 
 def test_a_horovod_job_runs_on_the_cluster_through_the_jobs_api(head, tmp_path: Path):
@@ -130,7 +118,10 @@ def _job_config(tmp_path: Path, name: str, **sections) -> tuple:
 
 def test_a_resubmit_resumes_an_explicit_older_step_then_falls_back_past_a_corrupt_newest(head, tmp_path: Path):
     cfg, config = _job_config(tmp_path, "lines", train={"steps": 6}, checkpoint={"every": 2, "keep": 3})
-    assert submit(head, config).returncode == 0
+    first = submit(head, config)
+    logs = first.stdout + first.stderr
+    assert first.returncode == 0, logs
+    assert "RayTrainWorker" in logs and "succeeded" in logs  # the job's own log lines, streamed
     checkpoints = cfg.run_dir / "checkpoints"
 
     older = submit(head, config, "--resume", str(checkpoints / "step-00000002"))
@@ -148,7 +139,8 @@ def test_a_resubmit_resumes_an_explicit_older_step_then_falls_back_past_a_corrup
     fallback = submit(head, config, "--set", "train.steps=8")
     logs = fallback.stdout + fallback.stderr
     assert fallback.returncode == 0, logs
-    assert "skipping checkpoint step-00000006" in logs and "(step 4," in logs
+    # The same run name resumes: past the corrupt newest checkpoint, from step 4.
+    assert "skipping checkpoint step-00000006" in logs and "resuming from" in logs and "(step 4," in logs
     assert (checkpoints / "step-00000008" / "manifest.json").is_file()
 
 
@@ -164,35 +156,23 @@ def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head
     assert not cfg.run_dir.exists()
 
 
-def test_two_concurrent_submits_of_one_run_the_second_fails_on_the_lease(head, tmp_path: Path):
-    cfg, config = _job_config(tmp_path, "busy", train={"steps": 40}, checkpoint={"every": 20, "keep": 2})
-    first = submit_in_background(head, config)
-    try:
-        lease = cfg.run_dir.with_name("busy.lease")
-        wait_for(lease, first)
-        holder = json.loads(lease.read_text())
-
-        second = submit(head, config)
-        logs = second.stdout + second.stderr
-        assert second.returncode != 0 and "exit code 3" in logs, logs
-        assert f"is in use by another job: pid {holder['pid']} on host {holder['host']}" in logs
-        assert holder["submission"].startswith("dcgan-") and f"Ray job submission {holder['submission']}" in logs
-    finally:
-        out, _ = first.communicate(timeout=300)
-    assert first.returncode == 0, out
-    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step-*")) == ["step-00000020", "step-00000040"]
-    assert not lease.exists()
-
-
-def test_ray_job_stop_checkpoints_at_a_step_boundary_and_the_resubmit_finishes_the_run(head, tmp_path: Path):
-    # No checkpoint before step 1000: whatever survives the stop was written because of it.
-    cfg, config = _job_config(tmp_path, "stopped", train={"steps": 400}, checkpoint={"every": 1000, "keep": 2, "stop_check_every": 1})
+def test_a_second_submit_fails_on_the_lease_and_ray_job_stop_checkpoints_the_first_for_its_resubmit(head, tmp_path: Path):
+    # It trains until stopped, and checkpoints only when stopped.
+    endless = 10**6
+    cfg, config = _job_config(tmp_path, "stopped", train={"steps": endless}, checkpoint={"every": endless, "keep": 2, "stop_check_every": 1})
     env, address = head
     first = submit_in_background(head, config)
     try:
         wait_for(cfg.run_dir / "config.yaml", first)  # the chief writes it just before the first step
-        time.sleep(3)
-        submission = json.loads(cfg.run_dir.with_name("stopped.lease").read_text())["submission"]
+        holder = json.loads(cfg.run_dir.with_name("stopped.lease").read_text())
+        submission = holder["submission"]
+
+        second = submit(head, config)  # the same run while it trains: refused by its lease
+        logs = second.stdout + second.stderr
+        assert second.returncode != 0 and "exit code 3" in logs, logs
+        assert f"is in use by another job: pid {holder['pid']} on host {holder['host']}" in logs
+        assert submission.startswith("dcgan-") and f"Ray job submission {submission}" in logs
+        assert first.poll() is None, "the holder must keep training"
         stop = subprocess.run([RAY_CLI, "job", "stop", submission, "--address", address],
                               env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180)  # fmt: skip
         assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -200,14 +180,14 @@ def test_ray_job_stop_checkpoints_at_a_step_boundary_and_the_resubmit_finishes_t
         out, _ = first.communicate(timeout=300)
     (saved,) = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
     step = int(saved.name[5:])
-    assert 0 < step < 400, out
+    assert 0 < step < endless, out
     assert not (cfg.run_dir / "STOP").exists() and not cfg.run_dir.with_name("stopped.lease").exists()
 
-    resumed = submit(head, config)
+    resumed = submit(head, config, "--set", f"train.steps={step + 4}")
     logs = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, logs
     assert f"(step {step}," in logs
-    assert (cfg.run_dir / "checkpoints" / "step-00000400" / "manifest.json").is_file()
+    assert (cfg.run_dir / "checkpoints" / f"step-{step + 4:08d}" / "manifest.json").is_file()
 
 
 def test_cluster_launcher_commands_use_no_variable_that_nothing_sets():

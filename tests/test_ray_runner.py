@@ -42,9 +42,9 @@ def s3_base():
 def ray_config(tmp_path: Path, name: str, workers: int = 2, **sections) -> Config:
     sections.setdefault("train", {})
     sections["train"] = {"global_batch_size": BATCH, "steps": 8, **sections["train"]}
+    sections["runtime"] = {"runner": "ray", **sections.get("runtime", {})}
     return small_config(
-        tmp_path, run={"name": name}, scaling={"num_workers": workers, "cpus_per_worker": 1},
-        runtime={"runner": "ray"}, **sections,
+        tmp_path, run={"name": name}, scaling={"num_workers": workers, "cpus_per_worker": 1}, **sections,
     )  # fmt: skip
 
 
@@ -100,7 +100,7 @@ def test_a_two_worker_run_in_a_bucket_resumes_from_it_after_a_sigkilled_worker(r
     prepared data in object storage."""
     cfg = ray_config(
         tmp_path, "in-bucket", train={"steps": 12, "max_failures": 1},
-        runtime={"runner": "ray", "storage_path": s3_base},
+        runtime={"storage_path": s3_base},
         data={"prepared_dir": storage.join(s3_base, "prepared/synthetic")},
     )  # fmt: skip
     traces = tmp_path / "traces"

@@ -58,16 +58,11 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path: Path, precision: str):
         for run in (whole, split)
     )
     assert scaler_whole == scaler_split  # plain numbers (scale, growth tracker), not tensors
+    if precision == "fp16":  # the dynamic loss scale is part of the checkpoint
+        assert scaler_whole["scale"] > 0 and "_growth_tracker" in scaler_whole
 
     logged_whole, logged_split = read_scalars(whole.run_dir / "tb"), read_scalars(split.run_dir / "tb")
     for tag in TRAINED_TAGS:
         assert sorted(logged_whole[tag]) == list(range(2, 2 * K + 1, 2))
         assert logged_whole[tag] == logged_split[tag], f"{tag} differs after resume"
 
-
-def test_fp16_checkpoint_holds_scaler_state(tmp_path: Path):
-    cfg = small_config(tmp_path, train={"steps": K, "precision": "fp16"})
-    result = dcgan("train", "--config", write_config(tmp_path / "c.yaml", cfg), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    optimizers = torch.load(cfg.run_dir / "checkpoints" / f"step-{K:08d}" / "optimizers.pt", weights_only=True)
-    assert optimizers["scaler"]["scale"] > 0 and "_growth_tracker" in optimizers["scaler"]

@@ -57,9 +57,16 @@ def killing_worker(marker: Path, at_step: int):
     return train_fn
 
 
-def test_two_tensorflow_workers_train_and_survive_a_killed_worker(tmp_path: Path):
-    cfg = tf_ray_config(tmp_path, "mwms")
-    metrics = ray_runner.run(plan(cfg))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """8 uninterrupted steps on two workers (checkpoints at 4 and 8): what the killed and the
+    stopped runs must end as."""
+    cfg = tf_ray_config(tmp_path_factory.mktemp("mwms"), "mwms")
+    return cfg, ray_runner.run(plan(cfg))
+
+
+def test_two_tensorflow_workers_train_and_survive_a_killed_worker(reference, tmp_path: Path):
+    cfg, metrics = reference
     assert metrics["step"] == 8 and 0 < metrics["d/real"] < 1
     manifest = (cfg.run_dir / "checkpoints" / "step-00000008" / "manifest.json").read_text()
     assert '"framework": "tensorflow"' in manifest and '"world_size": 2' in manifest
@@ -83,7 +90,7 @@ def test_two_tensorflow_workers_train_and_survive_a_killed_worker(tmp_path: Path
     assert final[0] == final[1]
 
 
-def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_retry_ends_as_uninterrupted(tmp_path: Path):
+def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_retry_ends_as_uninterrupted(reference, tmp_path: Path):
     import numpy as np
 
     from pipeline.backends.tf_backend import tf
@@ -96,8 +103,6 @@ def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_r
         cfg.checkpoint.every, cfg.checkpoint.stop_check_every = 8, 1  # nothing saved before step 8 but the stop's
         return cfg
 
-    reference = config("tf-uninterrupted")
-    ray_runner.run(plan(reference))
     stopped = config("tf-sigterm", max_failures=1)
     traces = tmp_path / "traces"
     traces.mkdir()
@@ -107,7 +112,7 @@ def test_sigterm_to_a_tensorflow_worker_checkpoints_at_a_step_boundary_and_the_r
     assert len(steps) == 2 and 0 < steps[0] < 8 and steps[1] == 8, steps  # the stop's checkpoint, then the end
 
     weights = []
-    for run in (reference, stopped):
+    for run in (reference[0], stopped):  # its checkpoint at 4 averaged BatchNorm statistics once more
         backend = TFBackend(run, LOCAL, tf.distribute.OneDeviceStrategy("/device:CPU:0"))
         backend.load(run.run_dir / "checkpoints" / "step-00000008")
         weights.append(backend.export_weights())
