@@ -298,6 +298,20 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _tensorflow_float16_trains_on_one_worker(self) -> "Config":
+        """Measured with TF 2.21: a MultiWorkerMirroredStrategy run with float16's dynamic loss
+        scale hangs in its first step after loading a checkpoint, so it could neither resume
+        nor survive a worker's restart."""
+        workers = self.scaling.num_workers
+        if self.backend == "tensorflow" and self.train.precision == "fp16" and self.runtime.runner == "ray" and workers > 1:
+            raise ValueError(
+                f"train.precision='fp16' with backend='tensorflow' on scaling.num_workers={workers} Ray workers: "
+                "MultiWorkerMirroredStrategy with a dynamic loss scale hangs when it resumes from a checkpoint "
+                "(TensorFlow 2.21), so the run could not survive a restart; use precision bf16 or fp32, or one worker"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ray_assigns_the_gpus(self) -> "Config":
         """Under Ray a worker trains on the GPU Ray reserved for it, or on none."""
         if self.runtime.runner != "ray":

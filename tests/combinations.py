@@ -86,7 +86,8 @@ def axes() -> dict[str, tuple]:
     return {**enumerable, **SAMPLED}
 
 
-def _raw(row: dict[str, Any]) -> dict[str, Any]:
+def row_raw(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as a raw config (before validation): its axes and the ranks its runner starts."""
     raw: dict[str, Any] = {}
     for dotted, value in row.items():
         if dotted == "runtime.storage_path":
@@ -99,7 +100,7 @@ def _raw(row: dict[str, Any]) -> dict[str, Any]:
 def refusal(row: dict[str, Any]) -> Optional[str]:
     """config.validate's message for the row, or None when it is valid."""
     try:
-        config.validate(_raw(row), "matrix")
+        config.validate(row_raw(row), "matrix")
     except config.ConfigError as err:
         return str(err)
     return None
@@ -154,7 +155,8 @@ def _cost(row: dict[str, Any]) -> int:
     """Relative cost of running a row: torch.compile (seconds of inductor per network, per
     start) and ranks in processes of their own dominate."""
     compiled = row["train.compile"] and row["backend"] == "torch"
-    return 4 * compiled + (launch_kind(row) != "local")
+    processes = {"local": 0, "ddp": 1, "horovod": 1, "mwms": 3}[launch_kind(row)]  # mwms: a pair per phase
+    return 4 * compiled + processes
 
 
 def row_id(row: dict[str, Any]) -> str:
@@ -182,7 +184,7 @@ def launch_kind(row: dict[str, Any]) -> str:
 
 def row_config(row: dict[str, Any], index: int, tmp: Path, s3_base: Optional[str], prepared: Path) -> dict[str, Any]:
     """The row's config, small and fast: the embedded digits (what the digits FID scores)."""
-    raw = _raw(row)
+    raw = row_raw(row)
     base = {
         "run": {"name": f"row{index:02d}", "dir": str(tmp / "runs")},
         "data": {"source": "digits", "image_size": 32, "channels": 1, "prepared_dir": str(prepared)},
@@ -227,8 +229,12 @@ def shared_job(directory: Path, name: str, rank: int, planner) -> Any:
     return Job(**json.loads(path.read_text()))
 
 
-def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str) -> None:
-    """A row on one rank: train, resume further, dry-run; each rank writes what it saw."""
+PHASES = ("train", "resume", "dry_run")
+
+
+def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str, phases: tuple[str, ...] = PHASES) -> None:
+    """A row's `phases` on one rank: train, resume further, dry-run; each rank records what it
+    saw (rank<N>.json, phase by phase)."""
     from pipeline.context import RankContext
     from pipeline.job import plan
 
@@ -238,15 +244,17 @@ def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str) -> None:
     cfg = config.validate(raw, "matrix row")
     resumed = cfg.model_copy(deep=True)
     resumed.train.steps = RESUMED_STEPS
-    outcome: dict[str, Any] = {}
-    for phase, planner in (
-        ("train", lambda: plan(cfg)),
-        ("resume", lambda: plan(resumed)),
-        ("dry_run", lambda: plan(cfg, dry_run_steps=DRY_RUN_STEPS)),
-    ):
-        job = shared_job(scratch_dir, phase, rank, planner) if world > 1 else planner()
+    planners = {
+        "train": lambda: plan(cfg),
+        "resume": lambda: plan(resumed),
+        "dry_run": lambda: plan(cfg, dry_run_steps=DRY_RUN_STEPS),
+    }
+    record = scratch_dir / f"rank{rank}.json"
+    outcome: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
+    for phase in phases:
+        job = shared_job(scratch_dir, phase, rank, planners[phase]) if world > 1 else planners[phase]()
         outcome[phase] = {"start": job.start, "result": job.run(ctx)}
-    (scratch_dir / f"rank{rank}.json").write_text(json.dumps(outcome, default=str))
+        record.write_text(json.dumps(outcome, default=str))
 
 
 def run_rows(rank: int, world: int, rows_file: str) -> None:
@@ -255,12 +263,15 @@ def run_rows(rank: int, world: int, rows_file: str) -> None:
         run_row(rank, world, raw, scratch)
 
 
-def _mwms_worker(rank: int, world: int, rows_file: str, port_base: int) -> None:
+def _mwms_worker(rank: int, row_file: str, phase: str, ports: list[str]) -> None:
+    """One phase of one row: a MultiWorkerMirroredStrategy process trains one session (a second
+    training in the same process hangs in its first collective, seen with TF 2.21)."""
     os.environ["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"127.0.0.1:{port_base + r}" for r in range(world)]},
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
         "task": {"type": "worker", "index": rank},
     })  # fmt: skip
-    run_rows(rank, world, rows_file)
+    raw, scratch = json.loads(Path(row_file).read_text())
+    run_row(rank, len(ports), raw, scratch, (phase,))
 
 
 
@@ -293,16 +304,25 @@ def launch(kind: str, rows: list[tuple[dict[str, Any], str]], work: Path) -> Non
 
 
 def _launch_mwms(rows_file: Path) -> None:
+    """Two workers for each phase of each row, one after the other."""
+    for index, row in enumerate(json.loads(rows_file.read_text())):
+        row_file = rows_file.with_name(f"{rows_file.stem}-{index}.json")
+        row_file.write_text(json.dumps(row))
+        for phase in PHASES:
+            _launch_mwms_phase(row_file, phase)
+
+
+def _launch_mwms_phase(row_file: Path, phase: str) -> None:
     import subprocess
     import sys
 
     from tests.ddp_harness import free_port
 
     root = Path(__file__).resolve().parents[1]
-    port = free_port()
+    ports = ",".join(str(free_port()) for _ in range(2))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.combinations", str(rank), "2", str(rows_file), str(port)],
+        subprocess.Popen([sys.executable, "-m", "tests.combinations", str(rank), str(row_file), phase, ports],
                          cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         for rank in range(2)
     ]
@@ -378,8 +398,8 @@ if __name__ == "__main__":
         convert_side(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "local":  # local ROWS_FILE: one rank, this process
         run_rows(0, 1, sys.argv[2])
-    else:  # one MultiWorkerMirroredStrategy worker: RANK WORLD ROWS_FILE PORT_BASE
-        _mwms_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    else:  # one MultiWorkerMirroredStrategy worker: RANK ROW_FILE PHASE PORT,PORT
+        _mwms_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(","))
 
 
 def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -33,10 +32,17 @@ def use_devices(requested: str) -> None:
 
 def _local_devices() -> list[str]:
     """What one worker mirrors over: every GPU, else the logical CPU devices (several only where
-    tf.config.set_logical_device_configuration made them), else the CPU."""
+    tf.config.set_logical_device_configuration made them), else the CPU. Once a
+    MultiWorkerMirroredStrategy has connected the workers, TensorFlow lists every worker's
+    devices: only this task's are local."""
     with native_stderr_captured():
         gpus, cpus = tf.config.list_logical_devices("GPU"), tf.config.list_logical_devices("CPU")
-    return [d.name for d in (gpus or cpus)]
+    names = [d.name for d in (gpus or cpus)]
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task")
+    if task and any(name.startswith("/job:") for name in names):
+        mine = f"/job:{task['type']}/replica:0/task:{task['index']}/"
+        names = [name for name in names if name.startswith(mine)]
+    return names
 
 
 def make_strategy(world_size: int) -> tf.distribute.Strategy:
@@ -47,18 +53,11 @@ def make_strategy(world_size: int) -> tf.distribute.Strategy:
     it built alone would wait for the others forever."""
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
     if world_size > 1 and len(workers) > 1:
-        return _multi_worker_strategy()
+        # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
+        with native_stderr_captured():
+            return tf.distribute.MultiWorkerMirroredStrategy()
     devices = _local_devices()
     return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
-
-
-@functools.cache
-def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
-    """One per process: it configures the process's collective runtime once (a second one would
-    not join the first's cluster), so every backend a worker builds trains under the same one."""
-    # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
-    with native_stderr_captured():
-        return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def local_replicas(requested: str) -> int:
