@@ -174,8 +174,8 @@ def _convert(args: argparse.Namespace) -> int:
     from pipeline.convert import convert
 
     out = convert(args.checkpoint, args.framework, args.out)
-    print(f"wrote a {args.framework} checkpoint to {out} (G, D, fixed noise, step and data position; "
-          "Adam's moments start afresh)")  # fmt: skip
+    print(f"wrote a {args.framework} checkpoint to {out} (G, D, G's average where kept, fixed noise, step and "
+          "data position; Adam's moments start afresh)")  # fmt: skip
     return 0
 
 

@@ -1,7 +1,8 @@
 """`dcgan convert`: a checkpoint of one framework becomes a checkpoint of the other.
 
 torch and TensorFlow never share a process (docs/ARCHITECTURE.md, traps), so the conversion runs in two:
-the source framework exports G, D and the fixed noise as framework-neutral arrays (.npz), then
+the source framework exports G, D, G's average (model.g_ema_decay) and the fixed noise as
+framework-neutral arrays (.npz; a target that keeps an average the source did not starts it from G), then
 the target framework imports them and writes a complete checkpoint directory with the same
 step and data position. Optimizer state is not converted: Adam starts its moments afresh.
 

@@ -10,7 +10,8 @@ defects found so far each sat where two options meet), greedily, in a fixed orde
 Each row runs the way its runner runs ranks, without Ray where Ray adds nothing to what the row
 proves (tests/test_ray_*.py prove Ray's part): runner local in the test process; ray with DDP as
 2 gloo ranks, with Horovod (or runner horovodrun) as 2 horovodrun ranks, with TensorFlow as 2
-MultiWorkerMirroredStrategy workers. All rows of one kind share one launch of their ranks.
+MultiWorkerMirroredStrategy workers. All rows of one kind share one launch of their ranks,
+except TensorFlow's workers, which train one session per process (a pair per row and phase).
 On its ranks a row trains 4 steps, resumes to 6, and dry-runs 2 (the dry run reloads its
 checkpoint and compares every tensor); the test process then samples, exports and evaluates the
 last checkpoint, and converts it to the other framework and back.
@@ -160,11 +161,12 @@ def _cost(row: dict[str, Any]) -> int:
 
 
 def row_id(row: dict[str, Any]) -> str:
-    short = {"runtime.runner": "", "distributed.strategy": "", "backend": "", "train.precision": ""}
+    """A readable name: torch-...-fp16-...-horovod-ray-... (values alone where they say enough)."""
+    bare = ("runtime.runner", "distributed.strategy", "backend", "train.precision")
     parts = []
     for name, value in row.items():
         label = name.rsplit(".", 1)[-1]
-        if name in short:
+        if name in bare:
             parts.append(str(value))
         elif isinstance(value, bool):
             parts.append(label if value else f"no_{label}")

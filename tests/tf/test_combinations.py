@@ -28,7 +28,7 @@ def matrix(tmp_path_factory):
         yield work, planned, failures
 
 
-@pytest.mark.parametrize("name", [combinations.row_id(row) for row in ROWS])
+@pytest.mark.parametrize("name", [combinations.row_id(row) for row in ROWS], ids=str)
 def test_row(matrix, name: str, tmp_path: Path):
     _, planned, failures = matrix
     row, raw, scratch = planned[name]
