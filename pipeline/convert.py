@@ -30,14 +30,13 @@ FRAMEWORKS = ("torch", "tensorflow")
 
 
 def _config_for(checkpoint: Path, framework: str) -> config.Config:
-    """The checkpoint's config for `framework`: what only the source framework has gives way to
-    the target's defaults (Horovod reduces torch ranks alone; TensorFlow's go through tf.distribute)."""
+    """The checkpoint's config for `framework`, as this process runs it: one local rank on the CPU.
+    What only the source framework has gives way to the target's default (Horovod reduces torch
+    ranks alone; TensorFlow's go through tf.distribute)."""
     raw = verify(checkpoint).config
-    raw = {**raw, "backend": framework, "runtime": {**raw.get("runtime", {}), "device": "cpu"}}
+    raw = {**raw, "backend": framework, "runtime": {**raw.get("runtime", {}), "device": "cpu", "runner": "local"}}
     if framework != "torch":
         raw["distributed"] = {**raw.get("distributed", {}), "strategy": "ddp"}
-        if raw["runtime"].get("runner") == "horovodrun":
-            raw["runtime"]["runner"] = "local"
     return config.validate(raw, f"{checkpoint}/manifest.json")
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import time
 import typing
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -356,6 +357,45 @@ def launch_all(rows: list[dict[str, Any]], work: Path, s3_base: str) -> tuple[di
         except Exception as err:  # reported by each row of that kind
             failures[kind] = err
     return planned, failures
+
+
+def rows_of(framework: str) -> list[dict[str, Any]]:
+    return [row for row in pairwise_rows() if row["backend"] == framework]
+
+
+@contextmanager
+def launched(framework: str, work: Path) -> Iterator[tuple[Path, dict[str, tuple], dict[str, Exception]]]:
+    """Every row of `framework`, launched by kind beside an S3-compatible server (the object-storage rows')."""
+    from tests.helpers import s3_server
+
+    with s3_server() as s3_base:
+        planned, failures = launch_all(rows_of(framework), work, s3_base)
+        yield work, planned, failures
+
+
+def check_launched_row(matrix: tuple, name: str, out: Path) -> None:
+    _, planned, failures = matrix
+    row, raw, scratch = planned[name]
+    kind = launch_kind(row)
+    assert kind not in failures, f"the {kind} launch failed: {failures.get(kind)}"
+    check_row(row, raw, scratch, out)
+
+
+def check_conversions(matrix: tuple, framework: str) -> None:
+    """Every row's last checkpoint to the other framework and back, bit for bit, G's average
+    included where the row keeps one."""
+    import numpy as np
+
+    from pipeline.backends.base import holds_average
+
+    work, planned, failures = matrix
+    assert not failures, failures
+    convert_dir = work / "convert"
+    convert_dir.mkdir()
+    differing = convert_there_and_back(last_checkpoints(planned), framework, convert_dir)
+    assert not any(differing.values()), {k: v[:5] for k, v in differing.items() if v}
+    for name, (row, _, _) in planned.items():
+        assert holds_average(np.load(convert_dir / f"{name}.npz")) == bool(row["model.g_ema_decay"]), name
 
 
 def last_checkpoints(planned: dict[str, tuple]) -> dict[str, str]:
