@@ -5,6 +5,7 @@ nothing, not even the previous run that `--fresh` would move aside."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from pipeline.config import Config, ConfigError
 
@@ -31,12 +32,16 @@ def require_horovod() -> None:
 
 def _check_inception_weights(cfg: Config) -> None:
     """The FID weights file, on the driver (every node that evaluates must have it too)."""
-    if not cfg.eval.every or cfg.eval.resolved_extractor(cfg.data.source) != "inception":
-        return
-    weights = cfg.eval.inception_weights
-    if weights is not None and not Path(weights).is_file():
+    if cfg.eval.every and cfg.eval.resolved_extractor(cfg.data.source) == "inception":
+        inception_weights_file(cfg.eval.inception_weights)
+
+
+def inception_weights_file(weights: Optional[Path]) -> Path:
+    """`eval.inception_weights` as an existing file, or the error that says where to get it."""
+    if weights is None or not Path(weights).is_file():
         raise ConfigError(
             f"eval.inception_weights={str(weights)!r} is not a file: download the standard FID InceptionV3 weights "
-            "(pt_inception-2015-12-05-6726825d.pth, github.com/toshas/torch-fidelity/releases) to that path; "
-            "the pipeline never downloads them itself"
+            "(pt_inception-2015-12-05-6726825d.pth, github.com/toshas/torch-fidelity/releases) to that path on every "
+            "node that evaluates; the pipeline never downloads them itself"
         )
+    return Path(weights)

@@ -12,8 +12,9 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, EvalSection
+from pipeline.config import EvalSection
 from pipeline.durable import sha256_file
+from pipeline.preflight import inception_weights_file
 from pipeline.quality import digits
 
 BATCH = 250
@@ -74,12 +75,5 @@ def make_extractor(cfg: EvalSection, source: str) -> Extractor:
     if cfg.resolved_extractor(source) == "digits":
         model = digits.load_or_train()
         return DigitsFeatures(model, sha256_file(digits.weights_path()))
-    weights = cfg.inception_weights
-    if weights is None or not Path(weights).is_file():
-        raise ConfigError(
-            f"eval.inception_weights={str(weights)!r} is not a file: download the standard FID InceptionV3 weights "
-            "(pt_inception-2015-12-05-6726825d.pth, github.com/toshas/torch-fidelity/releases) to that path on every "
-            "node that evaluates; the pipeline never downloads them itself"
-        )
-    return InceptionFeatures(Path(weights))
+    return InceptionFeatures(inception_weights_file(cfg.inception_weights))
 
