@@ -30,13 +30,20 @@ DRYRUN_CONFIG := $(if $(filter tensorflow,$(BACKEND)),configs/dryrun-tf.yaml,con
 dryrun: $(STAMP)
 	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
-# Two processes: torch and TensorFlow never share one (docs/ARCHITECTURE.md, traps). They share
-# one node-local cache (the digits classifier is trained once), removed afterwards.
-test: $(STAMP) $(HOROVOD_STAMP)
-	cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache && \
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS) && \
-	$(BIN)/python -m pytest tests/tf --durations=25 $(PYTEST_ARGS); \
-	status=$$?; rm -rf $$cache; exit $$status
+# Two pytest processes at once (torch and TensorFlow never share one: docs/ARCHITECTURE.md,
+# traps). TensorFlow's starts as soon as the venv is ready, Horovod builds beside it (once: its
+# wheel is cached), then torch's runs; each alone leaves a core idle much of the time. They
+# share one node-local cache (the digits classifier is trained once, under a lock) and print in
+# turn: torch's as it runs, TensorFlow's when both are done. The cache is removed afterwards.
+test: $(STAMP)
+	@cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache; \
+	$(BIN)/python -m pytest tests/tf --durations=25 $(PYTEST_ARGS) > $$cache/tensorflow.log 2>&1 & tf=$$!; \
+	trap 'kill $$tf 2>/dev/null; rm -rf $$cache' INT TERM; \
+	$(MAKE) --no-print-directory horovod && $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS); torch=$$?; \
+	wait $$tf; tensorflow=$$?; \
+	echo "=== tests/tf, TensorFlow's pytest process (ran alongside) ==="; cat $$cache/tensorflow.log; \
+	rm -rf $$cache; echo "make test: torch's process exited $$torch, TensorFlow's $$tensorflow"; \
+	[ $$torch -eq 0 ] && [ $$tensorflow -eq 0 ]
 
 # The inner loop: the unit tests of both processes (no Ray, Horovod, subprocess or slow test), < 3 min.
 test-fast: $(STAMP)

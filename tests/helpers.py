@@ -35,11 +35,13 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300, env: Optional[dict[str, s
 
 
 def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None,
-                  framework: str = "torch", after=None):
+                  framework: str = "torch", after=None, then: tuple[tuple[int, int], ...] = ()):
     """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
     optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
-    first attempt. `before(rank, loop_config)` runs first on every rank, `after(rank,
-    loop_config)` once the worker returned.
+    first attempt (marker file `killed`), and then each `(step, sig)` of `then` in the attempts
+    that follow, one per attempt, the step counted from that attempt's start (markers
+    `killed-2`, `killed-3`...). `before(rank, loop_config)` runs first on every rank,
+    `after(rank, loop_config)` once the worker returned.
 
     The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
     indices are queued when read and recorded when their step takes the batch. For
@@ -59,12 +61,15 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
             before(rank, loop_config)
         original_gather = ShardedImages.gather
         read, seen = deque(), []
-        killed_once = trace_dir / "killed"
+        signals = ((kill_at_step, sig), *then)
+        markers = [trace_dir / ("killed" if n == 0 else f"killed-{n + 1}") for n in range(len(signals))]
+        # This attempt's signal: the first not yet sent (the markers outlive the processes).
+        due = next(((step, signum, m) for (step, signum), m in zip(signals, markers) if not m.exists()), None)
 
         def kill_if_due() -> None:
-            if rank == kill_rank and len(seen) == kill_at_step and not killed_once.exists():
-                killed_once.touch()
-                os.kill(os.getpid(), sig)
+            if rank == kill_rank and due is not None and len(seen) == due[0]:
+                due[2].touch()
+                os.kill(os.getpid(), due[1])
 
         if framework == "tensorflow":
 

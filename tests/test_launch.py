@@ -116,7 +116,9 @@ def _job_config(tmp_path: Path, name: str, **sections) -> tuple:
     return cfg, write_config(tmp_path / f"{name}.yaml", cfg)
 
 
-def test_a_resubmit_resumes_an_explicit_older_step_then_falls_back_past_a_corrupt_newest(head, tmp_path: Path):
+def test_a_resubmit_resumes_an_explicit_older_step(head, tmp_path: Path):
+    # Resuming is the driver's planning (tests/test_job.py, past a corrupt newest checkpoint
+    # too): here, that a resubmit's --resume reaches it through the Jobs API.
     cfg, config = _job_config(tmp_path, "lines", train={"steps": 6}, checkpoint={"every": 2, "keep": 3})
     first = submit(head, config)
     logs = first.stdout + first.stderr
@@ -131,17 +133,6 @@ def test_a_resubmit_resumes_an_explicit_older_step_then_falls_back_past_a_corrup
     (abandoned,) = checkpoints.glob("abandoned-*")
     assert sorted(p.name for p in abandoned.iterdir()) == ["step-00000004", "step-00000006"]
     assert (checkpoints / "LATEST").read_text().strip() == "step-00000006"  # the new line's
-
-    generator = checkpoints / "step-00000006" / "generator.pt"
-    data = bytearray(generator.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    generator.write_bytes(bytes(data))
-    fallback = submit(head, config, "--set", "train.steps=8")
-    logs = fallback.stdout + fallback.stderr
-    assert fallback.returncode == 0, logs
-    # The same run name resumes: past the corrupt newest checkpoint, from step 4.
-    assert "skipping checkpoint step-00000006" in logs and "resuming from" in logs and "(step 4," in logs
-    assert (checkpoints / "step-00000008" / "manifest.json").is_file()
 
 
 def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head, tmp_path: Path):
