@@ -46,22 +46,58 @@ def test_checkpoint_round_trip(tmp_path: Path):
     assert fresh.fingerprint() == backend.fingerprint()
 
 
-def test_mirrored_over_two_devices_matches_one_device_on_the_same_global_batch(tmp_path: Path):
-    """Synchronized BatchNorm, so both compute statistics over the same 16 images. Tolerance:
-    float32 reductions in another order differ by ~1e-7, and over a few Adam steps ReLU kinks
-    amplify that (see tests/backends/test_torch_ddp.py); step 1 and 2 losses agree to 1e-5."""
-    cfg = _with_backend(tmp_path, model={"sync_batchnorm": True})
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    """2 steps on one device and on a MirroredStrategy over two, from the same weights, with
+    synchronized BatchNorm (both compute statistics over the same 16 images). One strategy over
+    two devices serves the module: a second one that runs collectives in this process can
+    clash with the first's (docs/ARCHITECTURE.md, traps)."""
+    cfg = _with_backend(tmp_path_factory.mktemp("mirrored"), model={"sync_batchnorm": True})
     one = TFBackend(cfg, LOCAL, tf.distribute.OneDeviceStrategy(SINGLE))
     two = TFBackend(cfg, LOCAL, tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"]))
     assert two.strategy.num_replicas_in_sync == 2
     assert one.fingerprint() == two.fingerprint(), "both start from the same weights"
-    a, b = _train(one, cfg, 2), _train(two, cfg, 2)
+    return one, two, _train(one, cfg, 2), _train(two, cfg, 2)
+
+
+def test_mirrored_over_two_devices_matches_one_device_on_the_same_global_batch(mirrored):
+    """Tolerance: float32 reductions in another order differ by ~1e-7, and over a few Adam steps
+    ReLU kinks amplify that (see tests/backends/test_torch_ddp.py); step 1 and 2 losses agree to 1e-5."""
+    one, two, a, b = mirrored
     for step_a, step_b in zip(a, b):
         for name in ("loss/d", "loss/g", "d/real", "d/fake"):
             assert step_a[name] == pytest.approx(step_b[name], abs=1e-5), name
     gen_a = np.concatenate([w.numpy().ravel() for w in one.netG.trainable_weights])
     gen_b = np.concatenate([w.numpy().ravel() for w in two.netG.trainable_weights])
     assert np.abs(gen_a - gen_b).max() < 1e-3
+
+
+def test_a_replica_that_drifted_is_named_before_a_checkpoint(mirrored):
+    """One element of one replica's copy, one bit off: the replicas' fingerprints differ. The
+    BatchNorm statistics are averaged first, so a drift there is healed, not reported."""
+    from pipeline.backends.base import ReplicaMismatchError
+
+    two = mirrored[1]
+    two.synchronize_replicas()  # trained replicas agree
+    names = {id(variable): name for name, variable in two._variables()}
+    drifting = {
+        "weight": two.netD.trainable_weights[0],
+        "Adam moment": two.optD.variables[1],
+        "BatchNorm statistic": two.netG.non_trainable_weights[0],
+    }
+    for kind, variable in drifting.items():
+        own, other = variable.value.values  # each replica's own copy
+        bits = tf.bitcast(tf.reshape(other, [-1]), tf.int32).numpy()
+        bits[len(bits) // 2] ^= 1
+        other.assign(tf.reshape(tf.bitcast(tf.constant(bits), tf.float32), other.shape))
+        if kind == "BatchNorm statistic":
+            two.synchronize_replicas()
+            np.testing.assert_array_equal(own.numpy(), other.numpy())
+            continue
+        with pytest.raises(ReplicaMismatchError, match="first differing tensor") as raised:
+            two.synchronize_replicas()
+        assert str(raised.value).endswith(names[id(variable)]), kind
+        other.assign(own)  # agreed again for the next kind
 
 
 @pytest.mark.integration
