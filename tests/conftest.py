@@ -28,7 +28,7 @@ TF_TESTS = ROOT / "tests" / "tf"
 
 
 def pytest_ignore_collect(collection_path, config):
-    """tests/tf runs in a pytest process of its own (`make test` runs it second): torch and
+    """tests/tf runs in a pytest process of its own (`make test` runs it beside this one): torch and
     TensorFlow must not share a process. It is collected only when named on the command line."""
     path = Path(collection_path).resolve()
     if path != TF_TESTS and TF_TESTS not in path.parents:

@@ -1,5 +1,5 @@
-"""TensorFlow tests run in their own pytest process (`make test` runs `pytest tests/tf` after the
-rest): torch and TensorFlow must never share a process (docs/ARCHITECTURE.md, traps). Nothing here imports
+"""TensorFlow tests run in their own pytest process (`make test` runs `pytest tests/tf` beside
+the rest's): torch and TensorFlow must never share a process (docs/ARCHITECTURE.md, traps). Nothing here imports
 torch; the torch side of a comparison runs in a subprocess."""
 
 import os
