@@ -30,20 +30,25 @@ DRYRUN_CONFIG := $(if $(filter tensorflow,$(BACKEND)),configs/dryrun-tf.yaml,con
 dryrun: $(STAMP)
 	$(BIN)/dcgan train --config $(DRYRUN_CONFIG) --dry-run
 
-# Two pytest processes at once (torch and TensorFlow never share one: docs/ARCHITECTURE.md,
-# traps). TensorFlow's starts as soon as the venv is ready, Horovod builds beside it (once: its
-# wheel is cached), then torch's runs; each alone leaves a core idle much of the time. They
-# share one node-local cache (the digits classifier is trained once, under a lock) and print in
-# turn: torch's as it runs, TensorFlow's when both are done. The cache is removed afterwards.
+# Two lanes at once, three pytest processes (torch and TensorFlow never share one:
+# docs/ARCHITECTURE.md, traps). The second lane starts as soon as the venv is ready: TensorFlow's
+# tests, then BESIDE_TF, torch modules that need no Horovod. The first builds Horovod (once: its
+# wheel is cached), then runs every other torch test. Either alone left a core idle much of the
+# time. They share one node-local cache (the digits classifier is trained once, under a lock)
+# and print in turn: the first lane as it runs, the second when both are done.
+BESIDE_TF := tests/test_ray_runner.py tests/test_cli.py tests/quality
 test: $(STAMP)
-	@cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache; \
-	$(BIN)/python -m pytest tests/tf --durations=25 $(PYTEST_ARGS) > $$cache/tensorflow.log 2>&1 & tf=$$!; \
-	trap 'kill $$tf 2>/dev/null; rm -rf $$cache' INT TERM; \
-	$(MAKE) --no-print-directory horovod && $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS); torch=$$?; \
-	wait $$tf; tensorflow=$$?; \
-	echo "=== tests/tf, TensorFlow's pytest process (ran alongside) ==="; cat $$cache/tensorflow.log; \
-	rm -rf $$cache; echo "make test: torch's process exited $$torch, TensorFlow's $$tensorflow"; \
-	[ $$torch -eq 0 ] && [ $$tensorflow -eq 0 ]
+	@# pytest ARGS, where "no test selected" (exit 5: a -m filter that leaves a lane empty) passes.
+	@run() { $(BIN)/python -m pytest --durations=25 "$$@" $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
+	cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache; \
+	( run tests/tf; tensorflow=$$?; run $(BESIDE_TF) && exit $$tensorflow ) \
+		> $$cache/second-lane.log 2>&1 & second=$$!; \
+	trap 'kill $$second 2>/dev/null; rm -rf $$cache' INT TERM; \
+	$(MAKE) --no-print-directory horovod && run $(addprefix --ignore=,$(BESIDE_TF)); first=$$?; \
+	wait $$second; second=$$?; \
+	echo "=== the second lane (ran alongside): tests/tf, then $(BESIDE_TF) ==="; cat $$cache/second-lane.log; \
+	rm -rf $$cache; echo "make test: first lane exited $$first, second lane $$second"; \
+	[ $$first -eq 0 ] && [ $$second -eq 0 ]
 
 # The inner loop: the unit tests of both processes (no Ray, Horovod, subprocess or slow test), < 3 min.
 test-fast: $(STAMP)
