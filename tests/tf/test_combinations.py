@@ -11,7 +11,7 @@ import pytest
 
 from tests import combinations
 
-# The launch of every row is one fixture: up to 10 minutes while the other pytest process of
+# The launch of every row is one fixture: up to 10 minutes while the other lane of
 # `make test` shares the cores (measured: 581 s for the TensorFlow rows on 2 cores).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 

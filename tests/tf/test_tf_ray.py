@@ -46,7 +46,7 @@ def test_two_tensorflow_workers_train_and_checkpoint_replicas_that_agree(referen
     assert metrics["step"] == 8 and 0 < metrics["d/real"] < 1
     manifest = (cfg.run_dir / "checkpoints" / "step-00000008" / "manifest.json").read_text()
     assert '"framework": "tensorflow"' in manifest and '"world_size": 2' in manifest
-    # Every checkpoint passed the replica check (all-gather, compare with replica 0).
+    # Every checkpoint passed the replica check (fingerprints all-gathered, compared with replica 0's).
 
 
 def test_a_sigterm_checkpoints_at_a_step_boundary_a_sigkill_resumes_from_it_and_the_run_ends_as_uninterrupted(reference, tmp_path: Path):
