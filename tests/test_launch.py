@@ -25,7 +25,10 @@ RAY_CLI = Path(sys.executable).parent / "ray"
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")  # the head's token file goes to $HOME/.ray, not ours
-    env = {**os.environ, "HOME": str(home), "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port())}
+    # Every port free, not Ray's fixed defaults: another Ray may run on this machine (the other
+    # lane of `make test` runs tests/test_ray_runner.py at the same time).
+    ports = {name: str(free_port()) for name in ("RAY_PORT", "DASHBOARD_PORT", "AGENT_PORT", "RAY_CLIENT_PORT")}
+    env = {**os.environ, "HOME": str(home), **ports}
     env.pop("RAY_ADDRESS", None)
     started = subprocess.run(["bash", ROOT / "launch/head.sh", "start", "--num-cpus", "4"],
                              env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
