@@ -321,7 +321,8 @@ def _local_copy(variable) -> tf.Tensor:
 
 def _fingerprint(value: tf.Tensor) -> tf.Tensor:
     """Two int64 sums over a tensor's bits, plain and weighted by position (wrapping on
-    overflow, exact and order-independent): any changed element or swapped pair changes them."""
+    overflow, exact and independent of summation order): one changed element changes the
+    first, two swapped ones the second. Several changes could cancel out; drift does not aim to."""
     flat = tf.reshape(value, [-1])
     if flat.dtype.is_floating:
         flat = tf.bitcast(flat, {2: tf.int16, 4: tf.int32, 8: tf.int64}[flat.dtype.size])
