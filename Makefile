@@ -17,7 +17,7 @@ install: $(STAMP)
 # Horovod (distributed.strategy: horovod), built for this .venv's PyTorch from the patched
 # 0.28.1 sdist; the wheel is cached in ~/.cache/dcgan/horovod (third_party/horovod/build.sh says how).
 HOROVOD_STAMP := $(VENV)/.horovod
-$(HOROVOD_STAMP): $(STAMP) third_party/horovod/build.sh third_party/horovod/cxx20.patch third_party/horovod/partial-cuda-toolkit.patch
+$(HOROVOD_STAMP): $(STAMP) third_party/horovod/build.sh third_party/horovod/*.patch
 	third_party/horovod/build.sh $(BIN)/python
 	touch $(HOROVOD_STAMP)
 

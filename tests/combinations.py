@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 import typing
@@ -364,21 +365,53 @@ def rows_of(framework: str) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def launched(framework: str, work: Path) -> Iterator[tuple[Path, dict[str, tuple], dict[str, Exception]]]:
-    """Every row of `framework`, launched by kind beside an S3-compatible server (the object-storage rows')."""
+def launched(framework: str, work: Path) -> Iterator[tuple[Path, dict[str, tuple], dict[str, Exception], dict]]:
+    """Every row of `framework`, launched by kind beside an S3-compatible server (the
+    object-storage rows'); TensorFlow's rows are then evaluated, all in one process."""
     from tests.helpers import s3_server
 
     with s3_server() as s3_base:
         planned, failures = launch_all(rows_of(framework), work, s3_base)
-        yield work, planned, failures
+        evaluations = evaluate_elsewhere(planned, work) if framework == "tensorflow" else {}
+        yield work, planned, failures, evaluations
+
+
+def evaluate_elsewhere(planned: dict[str, tuple], work: Path) -> dict[str, dict]:
+    """`dcgan evaluate` of every row's last checkpoint through `pipeline.cli.main`, in one
+    process apart (evaluation scores in torch, which a TensorFlow test process must not
+    import): {row id: {"exit": code, "scores": its JSON}}; {} when that process failed."""
+    addresses = last_checkpoints(planned)
+    request = work / "evaluate.json"
+    request.write_text(json.dumps(addresses))
+    try:
+        _run_module(["evaluate", str(request)])
+    except AssertionError as err:  # each row reports it
+        return {name: {"exit": None, "error": str(err)} for name in addresses}
+    return json.loads(request.with_suffix(".out.json").read_text())
+
+
+def evaluate_each(request_file: str) -> None:
+    """In a process of its own: `dcgan evaluate` of each {row id: address} in request_file."""
+    import contextlib
+    import io
+
+    from pipeline import cli
+
+    evaluations = {}
+    for name, address in json.loads(Path(request_file).read_text()).items():
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(["evaluate", "--checkpoint", address, "--json", "--device", "cpu"])
+        evaluations[name] = {"exit": code, "scores": json.loads(printed.getvalue()) if code == 0 else printed.getvalue()}
+    Path(request_file).with_suffix(".out.json").write_text(json.dumps(evaluations))
 
 
 def check_launched_row(matrix: tuple, name: str, out: Path) -> None:
-    _, planned, failures = matrix
+    _, planned, failures, evaluations = matrix
     row, raw, scratch = planned[name]
     kind = launch_kind(row)
     assert kind not in failures, f"the {kind} launch failed: {failures.get(kind)}"
-    check_row(row, raw, scratch, out)
+    check_row(row, raw, scratch, out, evaluations.get(name))
 
 
 def check_conversions(matrix: tuple, framework: str) -> None:
@@ -388,7 +421,7 @@ def check_conversions(matrix: tuple, framework: str) -> None:
 
     from pipeline.backends.base import holds_average
 
-    work, planned, failures = matrix
+    work, planned, failures, _ = matrix
     assert not failures, failures
     convert_dir = work / "convert"
     convert_dir.mkdir()
@@ -438,15 +471,17 @@ if __name__ == "__main__":
 
     if sys.argv[1] == "convert":  # convert PAIRS_FILE FRAMEWORK
         convert_side(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "evaluate":  # evaluate REQUEST_FILE: {row id: checkpoint address}
+        evaluate_each(sys.argv[2])
     elif sys.argv[1] == "local":  # local ROWS_FILE: one rank, this process
         run_rows(0, 1, sys.argv[2])
     else:  # one MultiWorkerMirroredStrategy worker: RANK ROW_FILE PHASE PORT,PORT
         _mwms_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(","))
 
 
-def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path) -> str:
+def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path, evaluated: Optional[dict] = None) -> str:
     """What every row must show after its launch; returns its last checkpoint's address.
-    Evaluation scores in torch: for a TensorFlow row it runs in a `dcgan` process of its own."""
+    Evaluation scores in torch: a TensorFlow row's ran in a process apart (`evaluated`)."""
     from pipeline import cli, storage
     from pipeline.checkpoint import step_dir_name
 
@@ -467,14 +502,13 @@ def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path
     ):
         assert cli.main(command) == 0, command
     assert (out / "grid.png").is_file() and any((out / "export").iterdir())
-    evaluate = ["evaluate", "--checkpoint", address, "--json", "--device", "cpu"]
     if cfg.backend == "torch":
-        assert cli.main(evaluate) == 0
+        assert cli.main(["evaluate", "--checkpoint", address, "--json", "--device", "cpu"]) == 0
     else:
-        from tests.helpers import dcgan
-
-        done = dcgan(*evaluate, cwd=out)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert evaluated is not None and evaluated["exit"] == 0, evaluated
+        scores = evaluated["scores"]
+        assert scores["step"] == RESUMED_STEPS and scores["framework"] == "tensorflow", scores
+        assert scores["metrics"] and all(math.isfinite(value) for value in scores["metrics"].values()), scores
     return address
 
 

@@ -20,7 +20,7 @@ python=${1:?usage: build.sh PYTHON}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dcgan/horovod}
 version=0.28.1
-patches=("$here/cxx20.patch" "$here/partial-cuda-toolkit.patch")
+patches=("$here/cxx20.patch" "$here/partial-cuda-toolkit.patch" "$here/no-debug-info.patch")
 
 cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
 toolkit_is_complete() {
