@@ -24,6 +24,7 @@ node-local disk and verified there before anything loads them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -144,23 +145,46 @@ def _fsync_tree(directory: Path) -> None:
 
 def fetch(address: PathOrUri) -> CheckpointInfo:
     """A verified checkpoint from a path (read in place) or a URI (downloaded to this node once,
-    under a lock, so the ranks of one node share one copy)."""
+    under a lock, so the ranks of one node share one copy).
+
+    A node's copy is keyed on the remote manifest's content, not only on the address: a step
+    name is written again after `--fresh`, an older-step resume or a dry run, and a copy of the
+    old one verifies against its own manifest. A copy is downloaded into a sibling and renamed
+    into place whole, so a reader never sees a torn one."""
     if not storage.is_uri(address):
         return verify(Path(address))
     address = str(address)
-    local = storage.cache_dir_for("checkpoints", address)
-    with node_lock(local.with_name(local.name + ".lock")):
+    location = storage.location(address)
+    try:
+        remote_manifest = location.read_text(MANIFEST)
+    except OSError as err:
+        raise CheckpointError(f"{address}: cannot read its {MANIFEST} ({err})") from None
+    cached = storage.cache_dir_for("checkpoints", address)
+    local = cached / hashlib.sha256(remote_manifest.encode()).hexdigest()[:16]
+    with node_lock(cached.with_name(cached.name + ".lock")):
         try:
             return CheckpointInfo(local, verify(local).manifest, address)
         except CheckpointError:
-            pass  # not downloaded yet, or an older copy: fetch it again
-        shutil.rmtree(local, ignore_errors=True)
+            pass  # not downloaded yet, or a damaged copy: fetch it again
+        staged = local.with_name(local.name + ".partial")
+        shutil.rmtree(staged, ignore_errors=True)
         try:
-            storage.location(address).download("", local)
+            location.download("", staged)
         except OSError as err:
+            shutil.rmtree(staged, ignore_errors=True)
             raise CheckpointError(f"{address}: cannot download ({err})") from None
-        info = verify(local)
-        return CheckpointInfo(info.path, info.manifest, address)
+        try:
+            info = verify(staged)
+            if (staged / MANIFEST).read_text() != remote_manifest:
+                raise CheckpointError(f"{address}: rewritten while it was being downloaded; fetch it again")
+        except CheckpointError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        for other in cached.iterdir():
+            if other != staged:
+                shutil.rmtree(other, ignore_errors=True)  # an older content of this address, or a damaged copy
+        staged.rename(local)
+        return CheckpointInfo(local, info.manifest, address)
 
 
 class CheckpointManager:

@@ -34,6 +34,7 @@ def _known_storage_scheme(value: Optional[str]) -> Optional[str]:
                 f"storage URI scheme {scheme!r} is not one pyarrow.fs opens; use one of "
                 f"{', '.join(s + '://' for s in storage.URI_SCHEMES)} or a path"
             )
+        storage.refuse_credentials(value)
     return value
 
 
@@ -394,6 +395,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             shown = ""  # the field is absent, or the message is about a whole section
         elif isinstance(value, dict):
             shown = " (got a section)"
+        elif isinstance(value, str) and storage.is_uri(value) and storage.credentials_in(value):
+            shown = ""  # the message names the URI with its secrets redacted
         else:
             shown = f" (got {value!r})"
         lines.append(f"  {field}: {message}{shown}" if item["loc"] else f"  {message}")
@@ -455,6 +458,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
+def _redacted_override(text: str) -> str:
+    key, sep, value = text.partition("=")
+    return f"{key}{sep}{storage.redacted(value)}" if storage.is_uri(value) else text
+
+
 def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
     raw: Any = {}
@@ -480,7 +488,7 @@ def load(path: Optional[Path], overrides: list[str] = ()) -> Config:
     for text in overrides:
         apply_override(raw, *parse_override(text))
     if overrides:
-        source += " with " + " ".join(f"--set {text}" for text in overrides)
+        source += " with " + " ".join(f"--set {_redacted_override(text)}" for text in overrides)
     return validate(raw, source)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -34,6 +35,43 @@ def is_uri(value: PathOrUri) -> bool:
 
 def uri_scheme(uri: str) -> str:
     return str(uri).partition("://")[0].lower()
+
+
+# Query parameters by which pyarrow's URIs can carry secrets (S3: access_key, secret_key,
+# session_token; GCS: access_token, credential_token_expiration).
+SECRET_QUERY_KEYS = frozenset({"access_key", "secret_key", "session_token", "access_token", "credential_token_expiration"})
+
+
+def credentials_in(uri: str) -> list[str]:
+    """The parts of a URI that carry credentials: `user:secret@` before the host, secret query
+    parameters. A run's address is written into config.yaml, every manifest, TensorBoard's
+    hparams, logs and the lease record: it must hold none."""
+    parts = urllib.parse.urlsplit(str(uri))
+    found = ["user info before '@'"] if "@" in parts.netloc else []
+    keys = [key for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    return found + [f"query parameter {key!r}" for key in keys if key.lower() in SECRET_QUERY_KEYS]
+
+
+def redacted(uri: str) -> str:
+    """The URI with its credentials (see credentials_in) replaced by '***', for messages."""
+    parts = urllib.parse.urlsplit(str(uri))
+    netloc = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
+    query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]  # fmt: skip
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=urllib.parse.urlencode(query, safe=":/*")))
+
+
+def refuse_credentials(uri: str) -> None:
+    """ValueError naming where the credentials sit (never their value) and where they belong."""
+    found = credentials_in(uri)
+    if found:
+        raise ValueError(
+            f"storage URI {redacted(uri)} carries credentials ({', '.join(found)}): a run's address is written "
+            "into its config, checkpoint manifests, TensorBoard and logs. Give them to every node instead: "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), GOOGLE_APPLICATION_CREDENTIALS, or the "
+            "node's role"
+        )
 
 
 def join(base: PathOrUri, name: str) -> str:
@@ -164,6 +202,7 @@ class ObjectLocation(Location):
 
         self.uri = uri
         if _resolved is None:
+            refuse_credentials(uri)
             try:
                 _resolved = pyarrow.fs.FileSystem.from_uri(uri)
             except (ValueError, OSError) as err:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline import config, storage
 from pipeline.config import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -87,6 +87,26 @@ BAD = [
     ({"train": {"steps": 5}}, ["train.steps.x=1"], ["train.steps", "is a value, not a section"]),
     ({}, ["model.depth=3"], ["model.depth", "unknown field; allowed: nz, ngf, ndf"]),
 ]
+
+
+@pytest.mark.parametrize(
+    "field, uri, where",
+    [
+        ("runtime.storage_path", "s3://AKIAEXAMPLE:hunter2@bucket/runs", "user info before '@'"),
+        ("runtime.storage_path", "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=hunter2", "query parameter 'secret_key'"),
+        ("data.prepared_dir", "s3://bucket/data?endpoint_override=127.0.0.1:9000&session_token=hunter2", "query parameter 'session_token'"),
+    ],
+)
+def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(tmp_path: Path, field: str, uri: str, where: str):
+    """A run's address is copied into config.yaml, manifests, TensorBoard and logs."""
+    with pytest.raises(ConfigError) as caught:
+        config.load(_write(tmp_path, {}), [f"{field}={uri}"])
+    message = str(caught.value)
+    assert field in message and where in message and "AWS_ACCESS_KEY_ID" in message, message
+    assert "hunter2" not in message and "AKIAEXAMPLE" not in message, message
+    with pytest.raises(ValueError, match="carries credentials") as direct:
+        storage.location(uri)  # every other way in (--checkpoint of sample, export, evaluate) too
+    assert "hunter2" not in str(direct.value)
 
 
 @pytest.mark.parametrize("content, overrides, fragments", BAD, ids=[str(i) for i in range(len(BAD))])

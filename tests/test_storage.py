@@ -84,6 +84,22 @@ def test_checkpoints_in_a_bucket_are_uploaded_manifest_last_and_downloaded_verif
         fetch(saved.address)
 
 
+def test_a_step_name_written_again_is_fetched_anew_not_from_the_nodes_copy_of_the_old_one(bucket_dir: str):
+    """`--fresh`, an older-step resume and a dry run write a step name again; a node that
+    fetched the old one must not load it (its copy verifies against its own manifest)."""
+    first = CheckpointManager(storage.join(bucket_dir, "checkpoints"), keep=2, job="A")
+    first.save(4, payload({"g.bin": b"A" * 100}), {"framework": "torch"})
+    assert (first.latest(job="A").path / "g.bin").read_bytes() == b"A" * 100  # now in this node's cache
+
+    second = CheckpointManager(storage.join(bucket_dir, "checkpoints"), keep=2, job="B")
+    second.save(4, payload({"g.bin": b"B" * 100}), {"framework": "torch"})
+    fetched = second.latest(job="B")
+    assert fetched is not None and (fetched.path / "g.bin").read_bytes() == b"B" * 100
+    assert fetched.manifest["job"] == "B"
+    node_copies = sorted(p.name for p in fetched.path.parent.iterdir())
+    assert node_copies == [fetched.path.name], node_copies  # the old content is gone, nothing half-downloaded
+
+
 # A child process that uploads checkpoint 12 and SIGKILLs itself after the first object of it:
 # no cleanup, no finally blocks, exactly what a killed pod leaves behind in the bucket.
 _KILLED_UPLOAD = textwrap.dedent(
