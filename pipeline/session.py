@@ -59,6 +59,8 @@ class TrainingSession:
 
             self.quality = open_evaluator(cfg, self.images.directory, self.backend.framework)
         if ctx.is_chief:
+            if start is None:
+                self.run_files.start_fresh()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
 

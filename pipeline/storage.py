@@ -304,6 +304,14 @@ class RunDirectory:
         self.local = self.location.path if self.location.is_local else cache_dir_for("runs", str(address))
         self._uploaded: dict[str, tuple[int, int]] = {}
 
+    def start_fresh(self) -> None:
+        """A new line of training begins here: a URI run's mirror on this node holds files of an
+        older run of the same address (before `--fresh`, an earlier dry run), which `sync`
+        would otherwise upload into this one."""
+        if not self.location.is_local:
+            shutil.rmtree(self.local, ignore_errors=True)
+            self._uploaded.clear()
+
     def sync(self) -> None:
         if self.location.is_local or not self.local.is_dir():
             return

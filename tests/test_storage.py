@@ -162,6 +162,21 @@ def test_prepared_data_in_a_bucket_is_staged_on_each_node_and_checked(bucket_dir
         local_prepared_dir(cfg)
 
 
+def test_a_fresh_run_in_a_bucket_uploads_none_of_the_older_runs_files(bucket_dir: str, tmp_path: Path):
+    """The chief writes a URI run's live files to a mirror on its node and uploads what changed:
+    after `--fresh`, the old run's events and samples must not reappear in the new one."""
+    from pipeline.job import StartOptions, plan
+
+    cfg = small_config(tmp_path, runtime={"device": "cpu", "storage_path": bucket_dir}, train={"steps": 8})
+    plan(cfg).run()
+    run = storage.location(cfg.run_address)
+    assert run.list("samples") == ["step-00000004.png", "step-00000008.png"]
+    cfg.train.steps = 4
+    plan(cfg, StartOptions(fresh=True)).run()
+    assert run.list("samples") == ["step-00000004.png"]
+    assert len(run.list("tb")) == 1, run.list("tb")  # the new run's event file alone
+
+
 def test_a_second_job_on_a_run_in_a_bucket_is_refused_and_a_stale_lease_is_taken_over(bucket_dir: str):
     runs = storage.location(bucket_dir)
     with RunLease(runs, "run-a"):
