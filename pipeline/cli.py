@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 from pipeline.data import DataError
 from pipeline.horovod_runner import PlanFailed  # horovod itself is imported only when the runner is used
 from pipeline.lease import LeaseHeld
-from pipeline.loop import Preempted
+from pipeline.stopping import LeaseLost, Preempted
 from pipeline.ray_runner import RunFailed  # ray itself is imported only when the runner is used
 
 log = logging.getLogger("dcgan")
@@ -112,8 +112,8 @@ def _train(args: argparse.Namespace) -> int:
     def planned() -> Iterator[Job]:
         check_before_writing(cfg)
         # One writer per run: the lease is held before anything in the run directory changes.
-        with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)):
-            yield plan(cfg, options, dry_run_steps)
+        with RunLease(storage.location(cfg.runs_root), run_dir_name(cfg, dry_run_steps is not None)) as lease:
+            yield plan(cfg, options, dry_run_steps, lease.token)
 
     if cfg.runtime.runner == "horovodrun":
         from pipeline import horovod_runner
@@ -257,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except LeaseHeld as err:
+    except (LeaseHeld, LeaseLost) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BUSY
     except Preempted as err:

@@ -160,8 +160,14 @@ class CheckpointSection(_Section):
     stop_check_every: int = Field(
         10,
         gt=0,
-        description="Steps between the ranks' checks for a stop request (SIGTERM, node preemption), after which "
-        "they checkpoint and exit; a stop waits at most this many steps, and each check is one all-reduce.",
+        description="Steps between the ranks' agreements on a stop (SIGTERM, node preemption, a STOP request, a lost "
+        "lease); a stop waits at most this many steps after a rank learns of it, and each agreement is one all-reduce.",
+    )
+    stop_poll_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between rank 0's checks of the run's storage for a STOP request and for its lease, in a "
+        "thread beside training (never a storage request in-line with a step).",
     )
 
 

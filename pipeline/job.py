@@ -24,7 +24,8 @@ from pipeline.checkpoint import CheckpointError, CheckpointInfo, CheckpointManag
 from pipeline.config import Config, model_mismatch
 from pipeline.context import LOCAL, RankContext
 from pipeline.data import ensure_prepared
-from pipeline.loop import CheckpointHook, StopCheck, never_stop, no_checkpoint_hook
+from pipeline.loop import CheckpointHook, no_checkpoint_hook
+from pipeline.stopping import LeaseToken, RankStop, lease_poll, stop_file_poll
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Job:
     start: Optional[str] = None  # the verified checkpoint to start from (path or URI); None = step 0
     dry_run_steps: Optional[int] = None  # a dry run of this many steps in <run>-dryrun
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped into its checkpoints
+    lease: Optional[LeaseToken] = None  # the run's lease its driver holds, watched by rank 0
 
     @cached_property
     def cfg(self) -> Config:
@@ -60,11 +62,13 @@ class Job:
         self,
         ctx: RankContext = LOCAL,
         on_checkpoint: CheckpointHook = no_checkpoint_hook,
-        stop_requested: StopCheck = never_stop,
+        stop_requested: Callable[[], bool] = lambda: False,
         restart: Optional[str] = None,
         on_ready: Callable[[], None] = lambda: None,
     ) -> Optional[dict[str, Any]]:
-        """This rank's part of the job. `restart`: a checkpoint a distributed runner restored
+        """This rank's part of the job. `stop_requested`: whether this process was asked to
+        stop (its runner's SIGTERM handler, a drain notice); rank 0 also watches the run's
+        storage (pipeline.stopping). `restart`: a checkpoint a distributed runner restored
         after a failure inside one run (used if it verifies). `on_ready` runs once the
         framework is set up, before the first step. Returns the final metrics, or for a dry run
         the report (on the chief)."""
@@ -75,12 +79,20 @@ class Job:
         from pipeline.session import TrainingSession
 
         start = self._start(restart)
-        with TrainingSession(
-            self.cfg, ctx, start, self.run_address, None, on_checkpoint, stop_requested, self.id
+        with self._rank_stop(ctx, stop_requested) as stop, TrainingSession(
+            self.cfg, ctx, start, self.run_address, None, on_checkpoint, stop, self.id
         ) as session:
             on_ready()
             summary = session.run()
         return {**summary.last_metrics, "step": summary.end_step}
+
+    def _rank_stop(self, ctx: RankContext, requested: Callable[[], bool]) -> RankStop:
+        polls = []
+        if ctx.is_chief:  # the storage is watched once, for all ranks
+            polls.append(stop_file_poll(storage.location(self.run_address)))
+            if self.lease is not None:
+                polls.append(lease_poll(self.lease))
+        return RankStop(requested, polls, self.cfg.checkpoint.stop_poll_seconds)
 
     def _start(self, restart: Optional[str]) -> Optional[CheckpointInfo]:
         """The driver's start, unless this job has checkpointed since (a restart inside it)."""
@@ -114,13 +126,15 @@ def run_address(cfg: Config, dry_run: bool) -> str:
     return storage.join(cfg.runs_root, run_dir_name(cfg, dry_run))
 
 
-def plan(cfg: Config, options: StartOptions = StartOptions(), dry_run_steps: Optional[int] = None) -> Job:
-    """Check, prepare and settle the start, on the driver; the caller holds the run's lease."""
+def plan(
+    cfg: Config, options: StartOptions = StartOptions(), dry_run_steps: Optional[int] = None, lease: Optional[LeaseToken] = None
+) -> Job:
+    """Check, prepare and settle the start, on the driver; the caller holds the run's `lease`."""
     cfg = with_absolute_paths(cfg)
     ensure_prepared(cfg.data)  # once, here, not by N ranks at the same time
     if dry_run_steps is not None:
         storage.location(run_address(cfg, True)).delete()  # every dry run starts from an empty scratch dir
-        return Job(cfg.to_dict(), None, dry_run_steps)
+        return Job(cfg.to_dict(), None, dry_run_steps, lease=lease)
     if options.fresh:
         move_aside(cfg)
     checkpoints = _checkpoints(cfg)
@@ -128,7 +142,7 @@ def plan(cfg: Config, options: StartOptions = StartOptions(), dry_run_steps: Opt
     if options.resume is not None and start is not None:
         own = start.address.rstrip("/").rpartition("/")[0] == str(checkpoints.location).rstrip("/")
         checkpoints.set_aside_after(start.step, keep_name=Path(start.address).name if own else None)
-    return Job(cfg.to_dict(), start.address if start else None)
+    return Job(cfg.to_dict(), start.address if start else None, lease=lease)
 
 
 def _checkpoints(cfg: Config) -> CheckpointManager:

@@ -8,6 +8,11 @@ on this same host is gone, belongs to a dead job and is taken over.
 The lease lies beside the run (`<runs>/<name>.lease`), not in it, so `--fresh`, which moves
 the run directory aside, keeps it.
 
+A holder that finds its record gone or someone else's, or cannot rewrite it for nearly the
+stale age (after which a taker may come), has lost the lease: it stops beating, never writes
+the record again, and the job's rank 0, which watches the record too (pipeline.stopping),
+ends training without writing.
+
 - On a filesystem (local, NFS): an exclusive create of `<runs>/<name>.lease` (a hard link of a
   fully written file). A stale lease is renamed
   aside first; the rename is atomic, and the taker checks that what it renamed is the stale
@@ -16,7 +21,9 @@ the run directory aside, keeps it.
   `<runs>/<name>.lease/<time>-<id>.json`, then lists that prefix, and holds the lease only if no other
   live candidate is there. With read-after-write consistent listing (S3, GCS) at most one
   contender wins: of two, the one that wrote second sees the first. A tie fails both, which
-  is safe: neither has started.
+  is safe: neither has started. A candidate's age is the store's clock: the time the store
+  stamped on it against the one it stamped on the contender's own, just written (hosts'
+  clocks may disagree by minutes).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.stopping import LeaseToken
 from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,13 @@ class RunLease:
         self.name = self.lease if runs.is_local else f"{self.lease}/{time.time_ns():020d}-{self.id}.json"
         self.label = str(runs.child(run_name)).partition("?")[0]  # the query only says how to connect
         self._stop = threading.Event()
+        self.lost = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def token(self) -> LeaseToken:
+        """What the job's ranks need to watch this lease."""
+        return LeaseToken(str(self.runs), self.name, self.id, self.stale_after, self.heartbeat_every)
 
     def _record(self) -> dict[str, Any]:
         return {
@@ -63,8 +77,10 @@ class RunLease:
             "heartbeat": time.time(),
         }  # fmt: skip
 
-    def _is_stale(self, record: dict[str, Any]) -> bool:
-        if time.time() - _heartbeat(record) > self.stale_after:
+    def _is_stale(self, record: dict[str, Any], age: Optional[float] = None) -> bool:
+        """`age`: seconds since its holder last wrote it, by the store's clock where known;
+        else its heartbeat against this host's clock."""
+        if (time.time() - _heartbeat(record) if age is None else age) > self.stale_after:
             return True
         if record.get("host") == socket.gethostname():
             try:
@@ -135,6 +151,7 @@ class RunLease:
 
     def _acquire_by_listing(self) -> None:
         self.runs.write_text(self.name, json.dumps(self._record()))
+        now = self.runs.modified(self.name)  # the store's clock
         for name in self.runs.list(self.lease):
             other = f"{self.lease}/{name}"
             if other == self.name:
@@ -142,7 +159,11 @@ class RunLease:
             record = _read(self.runs, other)
             if record is None:
                 continue
-            if self._is_stale(record):
+            try:
+                written = self.runs.modified(other)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if self._is_stale(record, None if now is None or written is None else now - written):
                 log.warning("took over the stale lease of %s (pid %s on %s)", self.label, record.get("pid"), record.get("host"))
                 self.runs.delete(other)
                 continue
@@ -150,16 +171,24 @@ class RunLease:
             raise self._held_error(record)
 
     def _heartbeat(self) -> None:
+        confirmed = time.monotonic()
         while not self._stop.wait(self.heartbeat_every):
-            held = _read(self.runs, self.name)
-            if held is not None and held.get("id") != self.id:
-                # Taken over after our heartbeat stalled past stale_after: never write over it.
-                log.error("lost the lease of %s to pid %s on %s", self.label, held.get("pid"), held.get("host"))
-                return
             try:
-                self.runs.write_text(self.name, json.dumps(self._record()))
-            except OSError as err:  # storage hiccup: the next beat tries again
+                reason = self.token.check()
+                if reason is None:
+                    self.runs.write_text(self.name, json.dumps(self._record()))
+                    confirmed = time.monotonic()
+                    continue
+            except OSError as err:  # storage hiccup: the next beat tries again, up to a point
+                reason = None
                 log.warning("lease heartbeat on %s failed: %s", self.label, err)
+                if time.monotonic() - confirmed < self.token.give_up_after:
+                    continue
+                reason = f"no heartbeat could be written for {time.monotonic() - confirmed:.0f} s ({err})"
+            # Taken over (our beats stalled past stale_after), or about to be: never write it again.
+            log.error("lost the lease of %s: %s", self.label, reason)
+            self.lost.set()
+            return
 
     def release(self) -> None:
         self._stop.set()

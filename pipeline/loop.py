@@ -27,6 +27,7 @@ from pipeline.data.sharding import DataPosition, EpochSharder
 from pipeline.data.shards import ShardedImages
 from pipeline.images import make_grid
 from pipeline.progress import Progress
+from pipeline.stopping import LeaseLost, Preempted, Stop, agree
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ TRAINER_STATE_FILE = "trainer.json"
 # None, the metrics of the closing log window); a distributed runner hands it to its framework.
 CheckpointHook = Callable[[int, Optional[CheckpointInfo], dict[str, float]], None]
 
-# Asked on every rank at the same steps: has this rank been told to stop (SIGTERM, a node
-# about to be preempted)? The loop agrees on the answer over all ranks.
-StopCheck = Callable[[], bool]
+# Asked on every rank at the same steps: must this rank stop, and how (pipeline.stopping)?
+# The loop agrees on the most severe answer over all ranks.
+StopCheck = Callable[[], Stop]
 
 
 class QualityCheck(Protocol):
@@ -54,19 +55,8 @@ def no_checkpoint_hook(step: int, saved: Optional[CheckpointInfo], metrics: dict
     pass
 
 
-def never_stop() -> bool:
-    return False
-
-
-class Preempted(RuntimeError):
-    """The ranks stopped at a step boundary on request, after writing a checkpoint there."""
-
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(
-            f"stopped on request (SIGTERM or node preemption) at step {step}, after writing {checkpoint}; "
-            "running the same job again resumes there"
-        )
-        self.step = step
+def never_stop() -> Stop:
+    return Stop.NONE
 
 
 def every(step: int, interval: int) -> bool:
@@ -150,10 +140,16 @@ def run_loop(
     for step in range(state.step + 1, total + 1):
         window.add(backend.train_step(next(batches), step))
         last = step == total
-        # A collective at its own cadence: every rank must learn of a stop at the same step.
-        stop = every(step, cfg.checkpoint.stop_check_every) and backend.any_rank(stop_requested())
         eval_now = every(step, cfg.eval.every)
-        save_now = every(step, cfg.checkpoint.every) or last or stop or eval_now
+        save_now = every(step, cfg.checkpoint.every) or last or eval_now
+        # A collective at its own cadence, and before every save: every rank learns of a stop
+        # at the same step, and nothing is written once the run is another job's.
+        stop = Stop.NONE
+        if every(step, cfg.checkpoint.stop_check_every) or save_now:
+            stop = agree(stop_requested(), backend.any_rank)
+        if stop is Stop.ABANDON:
+            raise LeaseLost(step, getattr(stop_requested, "reason", lambda: "the run's lease is lost")())
+        save_now = save_now or stop is Stop.CHECKPOINT
         log_now = every(step, cfg.logging.every) or save_now or last
         if log_now:
             summary.last_metrics = _close_window(cfg, backend, window, step, last_checkpoint_step, writer, summary)
@@ -173,7 +169,7 @@ def run_loop(
         if log_now:  # opened after sampling and saving, so step times measure training alone
             window = _Window(step + 1)
         summary.end_step = step
-        if stop and not last:
+        if stop is Stop.CHECKPOINT and not last:
             writer.flush()
             raise Preempted(step, f"{checkpoints.directory}/{step_dir_name(step)}")
     writer.flush()

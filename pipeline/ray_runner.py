@@ -42,12 +42,12 @@ from pipeline.checkpoint import CheckpointInfo, step_dir_name
 from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
-from pipeline.loop import Preempted
+from pipeline.stopping import STOP_FILE, LeaseLost, Preempted
 
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "pointer.json"
-STOP_FILE = "STOP"  # written by a driver on SIGTERM: the ranks checkpoint and return
+LEASE_LOST = "lease_lost"  # reported by every rank that stopped without writing (a metric of 1)
 PROBE_DIR = ".storage-check"
 RAY_DIR = ".ray"  # Ray Train's experiment directories, one per fit
 
@@ -169,6 +169,8 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
         # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
         run_dir.delete(RAY_DIR)
     metrics = dict(result.metrics or {})
+    if metrics.get(LEASE_LOST):
+        raise LeaseLost(int(metrics.get("step", 0)), "the run's lease was lost while its workers trained")
     _check_best(job, best_reported(result))
     if run_dir.exists(STOP_FILE):
         run_dir.delete(STOP_FILE)
@@ -337,18 +339,14 @@ def _catch_sigterm() -> None:
     ray.get(actor.execute.remote(_install_sigterm_handler))
 
 
-def _stop_check(run_dir: storage.Location) -> Callable[[], bool]:
-    def stop_requested() -> bool:
-        """A SIGTERM to this worker, a node drain that Ray Train reports (a barrier on every
-        rank), or the driver's request (its STOP file in the run directory)."""
-        import ray.train
+def _stop_requested() -> bool:
+    """A SIGTERM to this worker, or a node drain that Ray Train reports (a barrier on every
+    rank). The driver's request (its STOP file) is rank 0's to poll (pipeline.stopping)."""
+    import ray.train
 
-        # Train V1 (the Horovod path) has no preemption notices.
-        preemption_info = getattr(ray.train, "get_preemption_info", lambda: None)
-        preempted = preemption_info() is not None
-        return _SIGTERM.is_set() or preempted or run_dir.exists(STOP_FILE)
-
-    return stop_requested
+    # Train V1 (the Horovod path) has no preemption notices.
+    preemption_info = getattr(ray.train, "get_preemption_info", lambda: None)
+    return _SIGTERM.is_set() or preemption_info() is not None
 
 
 def _report(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
@@ -407,7 +405,14 @@ def _worker(loop_config: dict[str, Any]) -> None:
     try:
         # Once more when the backend is up: TensorFlow's coordination service (under
         # MultiWorkerMirroredStrategy) installs a SIGTERM handler of its own as it starts.
-        job.run(ctx, _report, _stop_check(run_dir), _restored_address(), on_ready=_catch_sigterm)
+        job.run(ctx, _report, _stop_requested, _restored_address(), on_ready=_catch_sigterm)
+    except LeaseLost as lost:
+        import ray.train
+
+        # Every rank agreed on it at the same step: the driver learns it from this report, and
+        # a retry (max_failures) would only find the run another job's.
+        ray.train.report({"step": lost.step, LEASE_LOST: 1.0}, checkpoint=None)
+        log.error("%s", lost)
     except Preempted:
         if run_dir.exists(STOP_FILE):
             return  # the driver asked: the run ends here (a retry would only stop again)

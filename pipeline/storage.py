@@ -18,7 +18,7 @@ import os
 import shutil
 import urllib.parse
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 from pipeline.durable import fsync_dir
 
@@ -105,6 +105,11 @@ class Location:
     def exists(self, name: str = "") -> bool:
         raise NotImplementedError
 
+    def modified(self, name: str) -> Optional[float]:
+        """When `name` was last written, in seconds since the epoch by the storage's own clock
+        (None when the storage does not say); FileNotFoundError when absent."""
+        raise NotImplementedError
+
     def read_text(self, name: str) -> str:
         raise NotImplementedError
 
@@ -156,6 +161,9 @@ class LocalLocation(Location):
 
     def exists(self, name: str = "") -> bool:
         return (self.path / name).exists()
+
+    def modified(self, name: str) -> Optional[float]:
+        return (self.path / name).stat().st_mtime
 
     def read_text(self, name: str) -> str:
         return (self.path / name).read_text()
@@ -225,6 +233,14 @@ class ObjectLocation(Location):
         import pyarrow.fs
 
         return self.fs.get_file_info(self._path(name)).type != pyarrow.fs.FileType.NotFound
+
+    def modified(self, name: str) -> Optional[float]:
+        import pyarrow.fs
+
+        info = self.fs.get_file_info(self._path(name))
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(self._path(name))
+        return info.mtime.timestamp() if info.mtime is not None else None
 
     def read_text(self, name: str) -> str:
         with self.fs.open_input_stream(self._path(name)) as stream:  # FileNotFoundError when absent

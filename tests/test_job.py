@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from pipeline.context import available_cpus
 from pipeline.data import ShardedImages, ensure_prepared
 from pipeline.job import StartOptions, plan
 from pipeline.lease import LeaseHeld, RunLease
+from pipeline.stopping import LeaseLost
 from tests.conftest import small_config
 
 
@@ -150,6 +152,30 @@ def test_the_lease_beats_while_held(tmp_path: Path):
         time.sleep(0.3)
         assert json.loads((tmp_path / "run.lease").read_text())["heartbeat"] > first
         assert lease.id in (tmp_path / "run.lease").read_text()
+
+
+def test_a_lost_lease_ends_training_at_the_next_step_without_writing(tmp_path: Path):
+    """Another job took the run over (as after this holder stalled past the stale age): rank 0
+    sees it within stop_poll_seconds, and the ranks end at the next agreed step, before the
+    next checkpoint; the holder never writes its lease record again."""
+    cfg = small_config(
+        tmp_path, train={"steps": 400}, checkpoint={"every": 4, "keep": 10, "stop_check_every": 1, "stop_poll_seconds": 0.05}
+    )
+    runs = storage.location(cfg.runs_root)
+    usurper = {"id": "usurper", "host": "elsewhere", "pid": 1, "heartbeat": 9e18}
+
+    def take_over_after_the_first_checkpoint(step, saved, metrics) -> None:
+        if step == 4:
+            (tmp_path / "runs" / "t.lease").write_text(json.dumps(usurper))
+            time.sleep(0.5)  # rank 0's poll thread sees it before step 5's agreement
+
+    with RunLease(runs, "t", heartbeat_every=0.1) as lease:
+        job = plan(cfg, lease=lease.token)
+        with pytest.raises(LeaseLost, match="stopped at step 5 without writing: its lease is held by pid 1 on host elsewhere"):
+            job.run(on_checkpoint=take_over_after_the_first_checkpoint)
+        assert lease.lost.wait(2.0)
+    assert sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir()) == [LATEST, "step-00000004"]
+    assert json.loads((tmp_path / "runs" / "t.lease").read_text()) == usurper  # neither rewritten nor released
 
 
 def test_available_cpus_follows_the_cgroup_quota(tmp_path: Path):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,8 +188,32 @@ def test_a_second_job_on_a_run_in_a_bucket_is_refused_and_a_stale_lease_is_taken
             pass
     assert runs.list("run-a.lease") == []
 
-    # A dead job's lease: its heartbeat stopped long ago.
-    dead = {"id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": 0.0, "command": "dcgan train"}
+    # A dead job's lease: the store last saw it written longer ago than the stale age.
+    dead = {"id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": time.time(), "command": "dcgan train"}
     runs.write_text("run-a.lease/00000000000000000001-dead.json", json.dumps(dead))
-    with RunLease(runs, "run-a"):
+    time.sleep(2.1)  # S3 stamps whole seconds
+    with RunLease(runs, "run-a", stale_after=1.0):
         assert len(runs.list("run-a.lease")) == 1
+
+
+def test_a_lease_in_a_bucket_is_aged_by_the_stores_clock_and_a_lost_one_is_never_written_again(bucket_dir: str):
+    runs = storage.location(bucket_dir)
+    # A live holder on a host whose clock runs an hour behind: its own timestamp looks stale.
+    skewed = {"id": "skewed", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600, "command": "dcgan train"}
+    runs.write_text("run.lease/00000000000000000001-skewed.json", json.dumps(skewed))
+    with pytest.raises(LeaseHeld, match="pid 1 on host elsewhere"):
+        RunLease(runs, "run").acquire()
+    runs.delete("run.lease")
+
+    # A holder whose beats stall past the stale age is taken over; its next beat finds its
+    # record gone and gives the lease up instead of writing it back (both would hold the run).
+    stalled = RunLease(runs, "run", heartbeat_every=4.0, stale_after=1.0)
+    stalled.acquire()
+    time.sleep(2.1)
+    with RunLease(runs, "run", stale_after=1.0) as taker:
+        assert runs.list("run.lease") == [taker.name.rpartition("/")[2]]
+        assert stalled.lost.wait(6.0), "the stalled holder never noticed"
+        assert runs.list("run.lease") == [taker.name.rpartition("/")[2]]  # not written back
+        assert stalled.token.check() is not None and taker.token.check() is None
+        stalled.release()  # removes nothing of the taker's
+        assert runs.list("run.lease") == [taker.name.rpartition("/")[2]]

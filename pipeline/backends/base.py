@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -68,8 +68,8 @@ class Backend(Protocol):
 
         Collective: every rank calls it at the same steps."""
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank. Collective."""
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        """For each flag, true on every rank when it is true on any rank. Collective."""
 
     def synchronize_replicas(self) -> None:
         """Before a checkpoint: make per-rank state (e.g. BatchNorm statistics) agree, then

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -185,12 +185,12 @@ class TFBackend:
         """Already reduced over every replica of every worker inside the step."""
         return {name: float(np.asarray(value)) for name, value in metrics.items()}
 
-    def any_rank(self, flag: bool) -> bool:
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
         """Across workers under MultiWorkerMirroredStrategy; one process decides alone otherwise."""
         if not self.save_is_collective:
-            return flag
-        votes = self.strategy.run(lambda: tf.constant(1 if flag else 0, tf.int32))
-        return int(self.strategy.reduce("SUM", votes, axis=None)) > 0
+            return [bool(flag) for flag in flags]
+        votes = self.strategy.run(lambda: tf.constant([1 if flag else 0 for flag in flags], tf.int32))
+        return [int(count) > 0 for count in self.strategy.reduce("SUM", votes, axis=None).numpy()]
 
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over replicas, then check that every replica holds what

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -159,8 +159,8 @@ class TorchBackend:
         values = self.parallel.mean_over_ranks(values)
         return dict(zip(names, values.cpu().tolist()))
 
-    def any_rank(self, flag: bool) -> bool:
-        return self.parallel.any_rank(flag)
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        return self.parallel.any_rank(flags)
 
     def synchronize_replicas(self) -> None:
         """Average BatchNorm statistics over ranks, then prove every replica identical."""

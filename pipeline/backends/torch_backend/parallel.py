@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -86,13 +86,13 @@ class DataParallel:
         self._all_reduce_(values, "sum")
         return values / self.world_size
 
-    def any_rank(self, flag: bool) -> bool:
-        """True everywhere when true on some rank (one MAX all-reduce of a single value)."""
+    def any_rank(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag true everywhere when true on some rank (one MAX all-reduce)."""
         if self.world_size == 1:
-            return flag
-        value = torch.tensor([1 if flag else 0], device=self.device)
-        self._all_reduce_(value, "max")
-        return bool(value.item())
+            return [bool(flag) for flag in flags]
+        values = torch.tensor([1 if flag else 0 for flag in flags], device=self.device)
+        self._all_reduce_(values, "max")
+        return [bool(value) for value in values.tolist()]
 
     def synchronize_buffers(self, modules: Iterable[nn.Module]) -> None:
         """Average the floating-point buffers (BatchNorm running mean / var) across ranks."""
