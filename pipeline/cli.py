@@ -20,8 +20,9 @@ from pipeline.config import ConfigError
 from pipeline.data import DataError
 from pipeline.horovod_runner import PlanFailed  # horovod itself is imported only when the runner is used
 from pipeline.lease import LeaseHeld
-from pipeline.stopping import LeaseLost, Preempted
 from pipeline.ray_runner import RunFailed  # ray itself is imported only when the runner is used
+from pipeline.stopping import LeaseLost, Preempted
+from pipeline.storage import StorageError
 
 log = logging.getLogger("dcgan")
 
@@ -143,14 +144,17 @@ def _runner(cfg):
 def _run_in_process(job) -> dict:
     """The local runner: one rank in this process, for dry runs, debugging and profiling."""
     import signal
+    import threading
 
     cfg = job.cfg
     if cfg.scaling.num_workers > 1:
         log.info("runner local: one rank computes the whole global batch of %d", cfg.train.global_batch_size)
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    from pipeline.stopping import on_signal
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        return job.result(job.run(stop_requested=lambda: bool(stop)) or {})
+        return job.result(job.run(stop_requested=on_signal(stop)) or {})
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -263,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Preempted as err:
         print(f"stopped: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (NonFiniteError, RunFailed, PlanFailed) as err:
+    except (NonFiniteError, RunFailed, PlanFailed, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

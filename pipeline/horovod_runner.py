@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Callable, Optional
 
 from pipeline.config import ConfigError
 from pipeline.context import RankContext
 from pipeline.job import Job
+from pipeline.stopping import on_signal
 
 
 class PlanFailed(RuntimeError):
@@ -64,9 +66,9 @@ def run(planned: Callable[[], AbstractContextManager[Job]]) -> Optional[tuple[Jo
 def _run_rank(job: Job, ctx: RankContext) -> Optional[dict[str, Any]]:
     """SIGTERM (horovodrun passes it on) asks for a stop: the ranks agree on a step, checkpoint
     there and end with Preempted, as under the other runners."""
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        return job.run(ctx, stop_requested=lambda: bool(stop))
+        return job.run(ctx, stop_requested=on_signal(stop))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -25,7 +25,7 @@ from pipeline.config import Config, model_mismatch
 from pipeline.context import LOCAL, RankContext
 from pipeline.data import ensure_prepared
 from pipeline.loop import CheckpointHook, no_checkpoint_hook
-from pipeline.stopping import LeaseToken, RankStop, lease_poll, stop_file_poll
+from pipeline.stopping import LeaseToken, RankStop, Stop, lease_poll, stop_file_poll
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class Job:
         self,
         ctx: RankContext = LOCAL,
         on_checkpoint: CheckpointHook = no_checkpoint_hook,
-        stop_requested: Callable[[], bool] = lambda: False,
+        stop_requested: Callable[[], Stop] = lambda: Stop.NONE,
         restart: Optional[str] = None,
         on_ready: Callable[[], None] = lambda: None,
     ) -> Optional[dict[str, Any]]:
-        """This rank's part of the job. `stop_requested`: whether this process was asked to
-        stop (its runner's SIGTERM handler, a drain notice); rank 0 also watches the run's
-        storage (pipeline.stopping). `restart`: a checkpoint a distributed runner restored
+        """This rank's part of the job. `stop_requested`: what this process was asked (its
+        runner's SIGTERM handler, a drain notice); rank 0 also watches the run's storage
+        (pipeline.stopping). `restart`: a checkpoint a distributed runner restored
         after a failure inside one run (used if it verifies). `on_ready` runs once the
         framework is set up, before the first step. Returns the final metrics, or for a dry run
         the report (on the chief)."""
@@ -86,7 +86,7 @@ class Job:
             summary = session.run()
         return {**summary.last_metrics, "step": summary.end_step}
 
-    def _rank_stop(self, ctx: RankContext, requested: Callable[[], bool]) -> RankStop:
+    def _rank_stop(self, ctx: RankContext, requested: Callable[[], Stop]) -> RankStop:
         polls = []
         if ctx.is_chief:  # the storage is watched once, for all ranks
             polls.append(stop_file_poll(storage.location(self.run_address)))

@@ -135,6 +135,7 @@ def run_loop(
     summary = LoopSummary(start_step=state.step, end_step=state.step)
     window = _Window(state.step + 1)
     last_checkpoint_step = state.step
+    drain_checkpointed = False  # a drain notice stays up until the node goes: one checkpoint for it
     started = time.perf_counter()
     progress.start(total, state.step)
     for step in range(state.step + 1, total + 1):
@@ -149,6 +150,9 @@ def run_loop(
             stop = agree(stop_requested(), backend.any_rank)
         if stop is Stop.ABANDON:
             raise LeaseLost(step, getattr(stop_requested, "reason", lambda: "the run's lease is lost")())
+        if stop is Stop.DRAIN and not drain_checkpointed:
+            log.warning("step %d: a node of this run is being drained: checkpointing here and training on", step)
+            save_now = drain_checkpointed = True
         save_now = save_now or stop is Stop.CHECKPOINT
         log_now = every(step, cfg.logging.every) or save_now or last
         if log_now:

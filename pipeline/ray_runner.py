@@ -42,7 +42,7 @@ from pipeline.checkpoint import CheckpointInfo, step_dir_name
 from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext, available_cpus
 from pipeline.job import Job
-from pipeline.stopping import STOP_FILE, LeaseLost, Preempted
+from pipeline.stopping import STOP_FILE, LeaseLost, Preempted, Stop
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +339,19 @@ def _catch_sigterm() -> None:
     ray.get(actor.execute.remote(_install_sigterm_handler))
 
 
-def _stop_requested() -> bool:
-    """A SIGTERM to this worker, or a node drain that Ray Train reports (a barrier on every
-    rank). The driver's request (its STOP file) is rank 0's to poll (pipeline.stopping)."""
+def _stop_requested() -> Stop:
+    """A SIGTERM to this worker (stop), or a node drain that Ray Train reports (checkpoint and
+    train on). The driver's request (its STOP file) is rank 0's to poll (pipeline.stopping).
+    Ray's preemption info is rank 0's, broadcast: a barrier that every rank calls at the same
+    steps, as the loop asks."""
     import ray.train
 
-    # Train V1 (the Horovod path) has no preemption notices.
-    preemption_info = getattr(ray.train, "get_preemption_info", lambda: None)
-    return _SIGTERM.is_set() or preemption_info() is not None
+    # Train V1 (the Horovod path) has no preemption notices. Asked first, always: a rank that
+    # skipped the barrier would leave the others waiting in it.
+    drained = getattr(ray.train, "get_preemption_info", lambda: None)() is not None
+    if _SIGTERM.is_set():
+        return Stop.CHECKPOINT
+    return Stop.DRAIN if drained else Stop.NONE
 
 
 def _report(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:

@@ -2,9 +2,13 @@
 
 A rank can learn of three things, and the ranks agree at the same steps on the most severe:
 
-- a stop request: SIGTERM to this process (the runner's handler), a node drain that Ray
-  reports, or a STOP file in the run directory (`ray job stop` makes the driver write one; a
-  user may too). The ranks checkpoint at the agreed step, then end (`Preempted`).
+- a node drain that Ray reports (a spot reclaim, a scale-down): the ranks write a checkpoint at
+  the agreed step and keep training. When the node goes, Ray restarts the group from that
+  checkpoint and charges the loss to its preemption budget (unlimited by default), not to
+  `train.max_failures`: this is Ray's documented reaction to `get_preemption_info()`.
+- a stop request: SIGTERM to this process (the runner's handler), or a STOP file in the run
+  directory (`ray job stop` makes the driver write one; a user may too). The ranks checkpoint
+  at the agreed step, then end (`Preempted`).
 - the run's lease lost: another job has taken the run over (its holder's heartbeats stalled past
   the stale age). The ranks end at the agreed step *without writing* (`LeaseLost`, exit 3).
 
@@ -35,8 +39,9 @@ class Stop(enum.IntEnum):
     """Ordered by severity: the ranks act on the most severe that any of them saw."""
 
     NONE = 0
-    CHECKPOINT = 1  # checkpoint at the agreed step, then end
-    ABANDON = 2  # end at the agreed step and write nothing more: the run is another job's now
+    DRAIN = 1  # checkpoint at the agreed step (once) and keep training: this node is going away
+    CHECKPOINT = 2  # checkpoint at the agreed step, then end
+    ABANDON = 3  # end at the agreed step and write nothing more: the run is another job's now
 
 
 class Preempted(RuntimeError):
@@ -47,7 +52,10 @@ class Preempted(RuntimeError):
             f"stopped on request (SIGTERM, STOP or node preemption) at step {step}, after writing {checkpoint}; "
             "running the same job again resumes there"
         )
-        self.step = step
+        self.step, self.checkpoint = step, checkpoint
+
+    def __reduce__(self):  # rebuilt from its arguments where Ray ships it between processes
+        return type(self), (self.step, self.checkpoint)
 
 
 class LeaseLost(RuntimeError):
@@ -58,7 +66,10 @@ class LeaseLost(RuntimeError):
             f"stopped at step {step} without writing: {reason}. Another job may be writing this run; "
             "check which (its lease record names it) before running this one again"
         )
-        self.step = step
+        self.step, self.reason = step, reason
+
+    def __reduce__(self):
+        return type(self), (self.step, self.reason)
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class RankStop:
 
     def __init__(
         self,
-        requested: Callable[[], bool] = lambda: False,
+        requested: Callable[[], Stop] = lambda: Stop.NONE,
         polls: Sequence[Callable[[], Stop]] = (),
         poll_every: float = 5.0,
     ):
@@ -145,7 +156,7 @@ class RankStop:
         self._thread: Optional[threading.Thread] = None
 
     def __call__(self) -> Stop:
-        return max(self._polled, Stop.CHECKPOINT if self.requested() else Stop.NONE)
+        return max(self._polled, self.requested())
 
     def reason(self) -> str:
         return "; ".join(self._reasons) or "a stop request"
@@ -181,5 +192,11 @@ class RankStop:
 
 def agree(level: Stop, any_rank: Callable[[Sequence[bool]], Sequence[bool]]) -> Stop:
     """The most severe level any rank saw, on every rank (one collective: `any_rank`)."""
-    checkpoint, abandon = any_rank((level >= Stop.CHECKPOINT, level >= Stop.ABANDON))
-    return Stop.ABANDON if abandon else Stop.CHECKPOINT if checkpoint else Stop.NONE
+    severities = list(Stop)[1:]
+    seen = any_rank([level >= severity for severity in severities])
+    return max((severity for severity, flag in zip(severities, seen) if flag), default=Stop.NONE)
+
+
+def on_signal(flag: "threading.Event") -> Callable[[], Stop]:
+    """A runner's `requested`: a stop once its signal handler set `flag`."""
+    return lambda: Stop.CHECKPOINT if flag.is_set() else Stop.NONE

@@ -9,10 +9,18 @@ Object storage has no atomic rename and no directory fsync, so callers never rel
 there: they stage a directory on local disk and upload it file by file with the file that
 marks it complete (a manifest) last. A single object appears whole or not at all, which is
 what `write_text` relies on.
+
+Every object-storage request is bounded: a connect timeout, a transfer that stalls for
+`DCGAN_STORAGE_TIMEOUT_S` seconds (default 20) fails, and each request is tried
+`DCGAN_STORAGE_ATTEMPTS` times (default 4) with the SDK's exponential backoff; pyarrow's own
+defaults wait forever for a store that stops answering. What still fails is a `StorageError`
+naming the store, the operation and the object.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import os
 import shutil
@@ -92,6 +100,58 @@ def cache_dir_for(kind: str, address: str) -> Path:
     digest = hashlib.sha256(address.encode()).hexdigest()[:16]
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in address.split("?")[0])[-60:]
     return cache_root() / kind / f"{readable}-{digest}"
+
+
+class StorageError(OSError):
+    """An object-storage request that failed after its retries, or timed out."""
+
+
+def request_timeout() -> float:
+    return float(os.environ.get("DCGAN_STORAGE_TIMEOUT_S", 20))
+
+
+def request_attempts() -> int:
+    return max(1, int(os.environ.get("DCGAN_STORAGE_ATTEMPTS", 4)))
+
+
+def _bounded(filesystem):
+    """The same filesystem with bounded requests (see the module's docstring)."""
+    import pyarrow.fs
+
+    if isinstance(filesystem, pyarrow.fs.S3FileSystem):
+        options = filesystem.__reduce__()[1][0]  # what from_uri read from the URI
+        options.update(
+            connect_timeout=min(10.0, request_timeout()), request_timeout=request_timeout(),
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=request_attempts()),
+        )  # fmt: skip
+        return pyarrow.fs.S3FileSystem(**options)
+    if isinstance(filesystem, pyarrow.fs.GcsFileSystem):
+        options = filesystem.__reduce__()[1][0]
+        options["retry_time_limit"] = datetime.timedelta(seconds=request_timeout() * request_attempts())
+        return pyarrow.fs.GcsFileSystem(**options)
+    return filesystem
+
+
+def _request(operation: str):
+    """An ObjectLocation method whose failure (not an absent object) names the store."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def bounded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (FileNotFoundError, StorageError):
+                raise
+            except OSError as err:
+                name = next((arg for arg in args if isinstance(arg, str)), "")  # the object's name
+                raise StorageError(
+                    f"object store {self.store}: {operation} {self._path(name)!r} failed "
+                    f"({request_attempts()} attempts, {request_timeout():.0f} s stall timeout each): {err}"
+                ) from None
+
+        return bounded
+
+    return decorate
 
 
 class Location:
@@ -212,10 +272,18 @@ class ObjectLocation(Location):
         if _resolved is None:
             refuse_credentials(uri)
             try:
-                _resolved = pyarrow.fs.FileSystem.from_uri(uri)
+                filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
             except (ValueError, OSError) as err:
                 raise ValueError(f"cannot open storage URI {uri!r}: {err}") from None
+            _resolved = (_bounded(filesystem), root)
         self.fs, self.root = _resolved[0], _resolved[1].rstrip("/")
+
+    @property
+    def store(self) -> str:
+        """The store, for messages: scheme://bucket (endpoint), no credentials, no options."""
+        parts = urllib.parse.urlsplit(self.uri)
+        endpoint = dict(urllib.parse.parse_qsl(parts.query)).get("endpoint_override")
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" + (f" at {endpoint}" if endpoint else "")
 
     def __str__(self) -> str:
         return self.uri
@@ -229,11 +297,13 @@ class ObjectLocation(Location):
     def child(self, name: str) -> "ObjectLocation":
         return ObjectLocation(join(self.uri, name), (self.fs, self._path(name)))
 
+    @_request("check")
     def exists(self, name: str = "") -> bool:
         import pyarrow.fs
 
         return self.fs.get_file_info(self._path(name)).type != pyarrow.fs.FileType.NotFound
 
+    @_request("stat")
     def modified(self, name: str) -> Optional[float]:
         import pyarrow.fs
 
@@ -242,20 +312,24 @@ class ObjectLocation(Location):
             raise FileNotFoundError(self._path(name))
         return info.mtime.timestamp() if info.mtime is not None else None
 
+    @_request("read")
     def read_text(self, name: str) -> str:
         with self.fs.open_input_stream(self._path(name)) as stream:  # FileNotFoundError when absent
             return stream.readall().decode()
 
+    @_request("write")
     def write_text(self, name: str, text: str) -> None:
         with self.fs.open_output_stream(self._path(name)) as stream:  # one PUT: whole or nothing
             stream.write(text.encode())
 
+    @_request("list")
     def list(self, name: str = "") -> list[str]:
         import pyarrow.fs
 
         selector = pyarrow.fs.FileSelector(self._path(name), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 
+    @_request("delete")
     def delete(self, name: str = "") -> None:
         import pyarrow.fs
 
@@ -266,6 +340,7 @@ class ObjectLocation(Location):
         elif kind == pyarrow.fs.FileType.File:
             self.fs.delete_file(path)
 
+    @_request("move")
     def move(self, name: str, new_name: str) -> None:
         import pyarrow.fs
 
@@ -283,10 +358,12 @@ class ObjectLocation(Location):
             relative = item.relative_to(local_dir).as_posix()
             self.upload_file(item, f"{name}/{relative}" if name else relative)
 
+    @_request("upload")
     def upload_file(self, local_file: Path, name: str) -> None:
         with open(local_file, "rb") as source, self.fs.open_output_stream(self._path(name)) as sink:
             shutil.copyfileobj(source, sink, 1 << 20)
 
+    @_request("download")
     def download(self, name: str, local_dir: Path) -> None:
         import pyarrow.fs
 
@@ -297,6 +374,7 @@ class ObjectLocation(Location):
                 continue
             self._copy_out(info.path, Path(local_dir) / info.path[len(base) + 1 :])
 
+    @_request("download")
     def download_file(self, name: str, target: Path) -> None:
         self._copy_out(self._path(name), target)
 

@@ -35,13 +35,14 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300, env: Optional[dict[str, s
 
 
 def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None,
-                  framework: str = "torch", after=None, then: tuple[tuple[int, int], ...] = ()):
+                  framework: str = "torch", after=None, then: tuple[tuple[int, int], ...] = (), each_step=None):
     """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
     optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
     first attempt (marker file `killed`), and then each `(step, sig)` of `then` in the attempts
     that follow, one per attempt, the step counted from that attempt's start (markers
     `killed-2`, `killed-3`...). `before(rank, loop_config)` runs first on every rank,
-    `after(rank, loop_config)` once the worker returned.
+    `after(rank, loop_config)` once the worker returned, `each_step(rank, n)` before the n-th
+    step of this attempt (torch).
 
     The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
     indices are queued when read and recorded when their step takes the batch. For
@@ -97,6 +98,8 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         def train_step(self, batch, step):
             seen.append(read.popleft())
+            if each_step is not None:
+                each_step(rank, len(seen))
             kill_if_due()
             return original_step(self, batch, step)
 

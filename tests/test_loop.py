@@ -11,6 +11,7 @@ from pipeline.backends.base import NonFiniteError
 from pipeline.loop import every
 from pipeline.data import ensure_prepared
 from pipeline.session import TrainingSession
+from pipeline.stopping import Stop
 from tests.conftest import small_config
 
 
@@ -28,6 +29,24 @@ def test_run_ends_at_the_configured_step_with_checkpoints_at_cadence(tmp_path: P
     assert [p.name for p in summary.checkpoints] == ["step-00000004", "step-00000006"]
     assert set(summary.last_metrics) >= {"loss/d", "loss/g", "d/real", "d/fake", "perf/images_per_sec"}
     assert "nonfinite" not in summary.last_metrics
+
+
+def test_a_drain_notice_checkpoints_once_at_the_agreed_step_and_training_goes_on(tmp_path: Path):
+    """Ray's reaction to a preemption notice: a checkpoint now, and no stop; the node's death
+    is Ray's to recover (from that checkpoint) without a charge to max_failures."""
+    cfg = small_config(tmp_path, train={"steps": 12}, checkpoint={"every": 8, "keep": 5, "stop_check_every": 2})
+    ensure_prepared(cfg.data)
+    notice_from_step = 5  # sticky, as Ray's is: the notice stays until the node goes
+    seen = []
+
+    def drained_from_step_5() -> Stop:
+        seen.append(None)
+        return Stop.DRAIN if len(seen) >= notice_from_step // 2 + 1 else Stop.NONE  # asked at steps 2, 4, 6...
+
+    with TrainingSession(cfg, stop_requested=drained_from_step_5) as session:
+        summary = session.run()
+    assert summary.end_step == 12
+    assert [p.name for p in summary.checkpoints] == ["step-00000006", "step-00000008", "step-00000012"]
 
 
 def test_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run(tmp_path: Path):

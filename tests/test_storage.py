@@ -217,3 +217,67 @@ def test_a_lease_in_a_bucket_is_aged_by_the_stores_clock_and_a_lost_one_is_never
         assert stalled.token.check() is not None and taker.token.check() is None
         stalled.release()  # removes nothing of the taker's
         assert runs.list("run.lease") == [taker.name.rpartition("/")[2]]
+
+
+# Bounds for the fault tests' training processes: a stalled transfer fails after 1 s, and each
+# request is tried twice, so one request gives up within about 3 s.
+FAULT_BOUNDS = {"DCGAN_STORAGE_TIMEOUT_S": "1", "DCGAN_STORAGE_ATTEMPTS": "2"}
+FAULT_DEADLINE_S = 60  # the run's exit: a few requests on the way out (upload, mirror, lease) at ~3 s each
+
+
+@pytest.mark.parametrize("fault", ["frozen", "killed", "bucket_gone"])
+def test_a_store_that_fails_mid_run_ends_it_with_a_clear_error_and_the_last_checkpoint_intact(fault: str, tmp_path: Path):
+    """The store stops answering (SIGSTOP), goes away, or loses its bucket while a run trains:
+    the run ends within FAULT_DEADLINE_S naming the store and the operation, without a
+    traceback; once a frozen store answers again, the rerun resumes from the last checkpoint."""
+    import boto3
+
+    from tests.helpers import write_config
+
+    with s3_server() as base:
+        endpoint = base.partition("endpoint_override=")[2].partition("&")[0]
+        server = int(subprocess.check_output(["pgrep", "-f", f"moto_server -H 127.0.0.1 -p {endpoint.rpartition(':')[2]}"]).split()[0])
+        cfg = small_config(tmp_path, runtime={"device": "cpu", "storage_path": base}, train={"steps": 100_000},
+                           checkpoint={"every": 4, "keep": 2}, logging={"every": 4, "samples_every": 1000})  # fmt: skip
+        config_path = write_config(tmp_path / "run.yaml", cfg)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **FAULT_BOUNDS}
+        command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path)]
+        run = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        checkpoints = storage.location(storage.join(cfg.run_address, "checkpoints"))
+        try:
+            deadline = time.monotonic() + 120
+            while not checkpoints.exists(LATEST):
+                assert run.poll() is None and time.monotonic() < deadline, "the run never checkpointed"
+                time.sleep(0.2)
+            if fault == "frozen":
+                os.kill(server, signal.SIGSTOP)
+            elif fault == "killed":
+                os.kill(server, signal.SIGKILL)
+            else:
+                bucket = boto3.resource("s3", endpoint_url=f"http://{endpoint}").Bucket("dcgan-test")
+                for _ in range(50):  # the run keeps writing into it meanwhile
+                    bucket.objects.all().delete()
+                    try:
+                        bucket.delete()
+                        break
+                    except bucket.meta.client.exceptions.ClientError:
+                        continue
+            faulted = time.monotonic()
+            _, stderr = run.communicate(timeout=FAULT_DEADLINE_S)
+            took = time.monotonic() - faulted
+        finally:
+            run.kill()
+            os.kill(server, signal.SIGCONT) if fault == "frozen" else None
+        assert run.returncode == 1, stderr[-3000:]
+        assert f"error: object store s3://dcgan-test at {endpoint}:" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert took < FAULT_DEADLINE_S
+        print(f"{fault}: the run ended {took:.1f} s after the fault")
+        if fault != "frozen":
+            return  # the store's content went with it (moto keeps objects in memory)
+        latest = CheckpointManager(storage.join(cfg.run_address, "checkpoints"), keep=2).latest()
+        assert latest is not None  # the last good checkpoint verifies
+        rerun = subprocess.run([*command, "--set", f"train.steps={latest.step + 4}"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"resuming from {latest.address} (step {latest.step}" in rerun.stderr, rerun.stderr[-3000:]
