@@ -25,7 +25,7 @@ from pipeline.config import Config, model_mismatch
 from pipeline.context import LOCAL, RankContext
 from pipeline.data import ensure_prepared
 from pipeline.loop import CheckpointHook, no_checkpoint_hook
-from pipeline.stopping import LeaseToken, RankStop, Stop, lease_poll, stop_file_poll
+from pipeline.stopping import STOP_FILE, LeaseToken, RankStop, Stop, lease_poll, stop_file_poll
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ def plan(
         return Job(cfg.to_dict(), None, dry_run_steps, lease=lease)
     if options.fresh:
         move_aside(cfg)
+    # A STOP request is the job's it stopped (or a driver killed before it could remove it):
+    # a new job starts without one.
+    storage.location(cfg.run_address).delete(STOP_FILE)
     checkpoints = _checkpoints(cfg)
     start = select_start(cfg, checkpoints, options)
     if options.resume is not None and start is not None:

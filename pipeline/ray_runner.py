@@ -149,7 +149,6 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     checkpoint there and return, and this raises Preempted."""
     _connect(job)
     run_dir = storage.location(job.run_address)
-    run_dir.delete(STOP_FILE)  # left by a driver that was killed before it could remove it
     probes = write_storage_probes(job)
     fit_name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = build_trainer(job, probes, fit_name, train_fn or _worker)

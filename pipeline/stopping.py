@@ -49,7 +49,7 @@ class Preempted(RuntimeError):
 
     def __init__(self, step: int, checkpoint: str):
         super().__init__(
-            f"stopped on request (SIGTERM, STOP or node preemption) at step {step}, after writing {checkpoint}; "
+            f"stopped on request (SIGTERM or a STOP file) at step {step}, after writing {checkpoint}; "
             "running the same job again resumes there"
         )
         self.step, self.checkpoint = step, checkpoint

@@ -64,3 +64,24 @@ def test_the_stop_exceptions_survive_the_trip_between_processes():
     for raised in (Preempted(12, "s3://bucket/runs/r/checkpoints/step-00000012"), LeaseLost(5, "its lease is gone")):
         shipped = pickle.loads(pickle.dumps(raised))
         assert type(shipped) is type(raised) and str(shipped) == str(raised) and shipped.step == raised.step
+
+
+def test_a_stop_file_checkpoints_and_ends_a_local_run_and_the_next_job_resumes_without_it(tmp_path: Path):
+    import time
+
+    from pipeline.job import plan
+    from tests.conftest import small_config
+
+    cfg = small_config(tmp_path, train={"steps": 400}, checkpoint={"every": 4, "keep": 3, "stop_check_every": 1, "stop_poll_seconds": 0.05})
+
+    def ask_to_stop_after_step_4(step, saved, metrics) -> None:
+        if step == 4:
+            (tmp_path / "runs" / "t" / "STOP").write_text("a user\n")
+            time.sleep(0.5)  # rank 0's poll thread sees it before step 5's agreement
+
+    with pytest.raises(Preempted, match="at step 5"):
+        plan(cfg).run(on_checkpoint=ask_to_stop_after_step_4)
+    assert (tmp_path / "runs" / "t" / "checkpoints" / "step-00000005").is_dir()
+    cfg.train.steps = 8
+    assert plan(cfg).run()["step"] == 8  # the STOP was the stopped job's: this one runs to the end
+    assert not (tmp_path / "runs" / "t" / "STOP").exists()
