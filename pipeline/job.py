@@ -44,6 +44,10 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # stamped into its checkpoints
     lease: Optional[LeaseToken] = None  # the run's lease its driver holds, watched by rank 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.lease, dict):  # shipped to the ranks as plain data (dataclasses.asdict)
+            object.__setattr__(self, "lease", LeaseToken(**self.lease))
+
     @cached_property
     def cfg(self) -> Config:
         return config.validate(self.config, "the driver's resolved config")

@@ -180,7 +180,6 @@ class RunLease:
                     confirmed = time.monotonic()
                     continue
             except OSError as err:  # storage hiccup: the next beat tries again, up to a point
-                reason = None
                 log.warning("lease heartbeat on %s failed: %s", self.label, err)
                 if time.monotonic() - confirmed < self.token.give_up_after:
                     continue

@@ -168,6 +168,9 @@ class RankStop:
             except OSError as err:
                 log.warning("checking for a stop request failed (taken as none; next try in %.0f s): %s", self.poll_every, err)
                 continue
+            except Exception:  # a defect, not the storage: loud, but the other polls go on
+                log.exception("checking for a stop request failed")
+                continue
             if found > self._polled:
                 reason = getattr(poll, "reason", lambda: None)()
                 self._reasons += [reason] if reason else []

@@ -85,3 +85,14 @@ def test_a_stop_file_checkpoints_and_ends_a_local_run_and_the_next_job_resumes_w
     cfg.train.steps = 8
     assert plan(cfg).run()["step"] == 8  # the STOP was the stopped job's: this one runs to the end
     assert not (tmp_path / "runs" / "t" / "STOP").exists()
+
+
+def test_the_lease_token_reaches_the_ranks_whole():
+    """Ray ships the Job to its workers as `dataclasses.asdict` (nested dataclasses too)."""
+    import dataclasses
+
+    from pipeline.job import Job
+
+    token = LeaseToken("s3://bucket/runs", "r.lease/1-abc.json", "abc", stale_after=90, heartbeat_every=15)
+    shipped = Job(**dataclasses.asdict(Job({"backend": "torch"}, lease=token)))
+    assert shipped.lease == token and shipped.lease.give_up_after == 75
