@@ -104,8 +104,11 @@ def _connect(job: Job) -> None:
                     "(set runtime.ray_address=auto to use that cluster)", ignored)  # fmt: skip
     # A new local Ray, reachable on loopback only. Its CPUs are logical: reserve enough for
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
+    # address="local": never the cluster another program started on this machine, which
+    # ray.init() would otherwise find through /tmp/ray/ray_current_cluster.
     wanted = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     ray.init(
+        address="local",
         num_cpus=max(available_cpus(), wanted),
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",  # the dashboard serves the state API Ray Train polls

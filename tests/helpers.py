@@ -126,7 +126,7 @@ def local_ray(test_module: str, num_gpus: int = 0, env_vars: Optional[dict[str, 
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[test_module])
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # traced_worker
-    ray.init(num_cpus=4, num_gpus=num_gpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=4, num_gpus=num_gpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
              logging_level=logging.WARNING, runtime_env={"env_vars": env_vars} if env_vars else None)  # fmt: skip
     try:
         yield
