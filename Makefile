@@ -36,7 +36,7 @@ dryrun: $(STAMP)
 # wheel is cached), then runs every other torch test. Either alone left a core idle much of the
 # time. They share one node-local cache (the digits classifier is trained once, under a lock)
 # and print in turn: the first lane as it runs, the second when both are done.
-BESIDE_TF := tests/test_ray_runner.py tests/test_cli.py tests/test_cluster.py
+BESIDE_TF := tests/test_ray_runner.py tests/test_cli.py tests/test_cluster.py tests/quality
 test: $(STAMP)
 	@# pytest ARGS, where "no test selected" (exit 5: a -m filter that leaves a lane empty) passes.
 	@run() { $(BIN)/python -m pytest --durations=25 "$$@" $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
