@@ -225,6 +225,7 @@ FAULT_BOUNDS = {"DCGAN_STORAGE_TIMEOUT_S": "1", "DCGAN_STORAGE_ATTEMPTS": "2"}
 FAULT_DEADLINE_S = 60  # the run's exit: a few requests on the way out (upload, mirror, lease) at ~3 s each
 
 
+@pytest.mark.integration  # `dcgan train` processes
 @pytest.mark.parametrize("fault", ["frozen", "killed", "bucket_gone"])
 def test_a_store_that_fails_mid_run_ends_it_with_a_clear_error_and_the_last_checkpoint_intact(fault: str, tmp_path: Path):
     """The store stops answering (SIGSTOP), goes away, or loses its bucket while a run trains:
