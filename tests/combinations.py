@@ -379,7 +379,8 @@ def launched(framework: str, work: Path) -> Iterator[tuple[Path, dict[str, tuple
 def evaluate_elsewhere(planned: dict[str, tuple], work: Path) -> dict[str, dict]:
     """`dcgan evaluate` of every row's last checkpoint through `pipeline.cli.main`, in one
     process apart (evaluation scores in torch, which a TensorFlow test process must not
-    import): {row id: {"exit": code, "scores": its JSON}}; {} when that process failed."""
+    import): {row id: {"exit": code, "scores": its JSON}}; every row's exit None (and the
+    error) when that process failed."""
     addresses = last_checkpoints(planned)
     request = work / "evaluate.json"
     request.write_text(json.dumps(addresses))
