@@ -14,6 +14,7 @@
 # or from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH. Auth is never turned off.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+source "$root/launch/stop-ray-dir.sh"
 ray=${RAY:-$root/.venv/bin/ray}
 [[ -x $ray ]] || ray=$(command -v ray) || { echo "ray not found: run 'make install' first" >&2; exit 2; }
 export RAY_AUTH_MODE=token  # a CLI-started head does not enable it by itself (docs/ARCHITECTURE.md, traps)
@@ -34,11 +35,7 @@ case ${1:-} in
     echo "http://127.0.0.1:${DASHBOARD_PORT:-8265}"
     ;;
   stop)
-    # SIGTERM first (Ray's processes shut down in order), SIGKILL what is left after 10 s.
-    pkill -TERM -f -- "$head_dir/" || { echo "no Ray head running in $head_dir" >&2; exit 0; }
-    for _ in $(seq 20); do pgrep -f -- "$head_dir/" >/dev/null || break; sleep 0.5; done
-    pkill -KILL -f -- "$head_dir/" || true
-    echo "stopped the Ray head in $head_dir" >&2
+    stop_ray_in "$head_dir" head
     ;;
   *)
     echo "usage: $0 start [--num-cpus N] | stop" >&2

@@ -63,9 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["torch", "tensorflow"], dest="framework")
     convert.add_argument("--out", required=True, type=Path, metavar="DIR", help="the new checkpoint directory")
 
-    evaluate = commands.add_parser("evaluate", help="FID, KID and mode coverage of a checkpoint's samples")
-    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
-    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    doctor = commands.add_parser("doctor", help="check what a cluster run needs, on every node, before it runs")
+    doctor.add_argument("--config", type=Path, default=None, help="the run's config (default: the defaults)")
+    doctor.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    doctor.add_argument("--address", default=None, metavar="ADDRESS",
+                        help="the Ray cluster (default: runtime.ray_address, else auto: RAY_ADDRESS or this machine's)")  # fmt: skip
+
+    evaluate = commands.add_parser("evaluate", help="FID, KID and mode coverage of checkpoints' samples")
+    evaluate.add_argument("--checkpoint", dest="checkpoints", action="append", required=True, metavar="DIR",
+                          help="a checkpoint directory (path or URI); repeatable, scored in one go")  # fmt: skip
+    evaluate.add_argument("--json", action="store_true",
+                          help="print JSON instead of tables: an object, or a list of them for several checkpoints")  # fmt: skip
     evaluate.add_argument("--num-samples", type=int, default=None, metavar="N", help="default: the run's eval.num_samples")
     evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH",
                           help="FID InceptionV3 weights, for data other than the embedded digits")  # fmt: skip
@@ -147,7 +155,7 @@ def _run_in_process(job) -> dict:
     import threading
 
     cfg = job.cfg
-    if cfg.scaling.num_workers > 1:
+    if cfg.scaling.max_workers > 1:
         log.info("runner local: one rank computes the whole global batch of %d", cfg.train.global_batch_size)
     from pipeline.stopping import on_signal
 
@@ -240,22 +248,37 @@ def _export(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.evaluate import evaluate_checkpoint, print_table
+    from pipeline.evaluate import evaluate_checkpoints, print_table
 
     if args.num_samples is not None and args.num_samples < 10:
         raise ConfigError(f"--num-samples must be >= 10, got {args.num_samples}")
-    result = evaluate_checkpoint(args.checkpoint, args.num_samples, args.device, args.inception_weights)
+    results = evaluate_checkpoints(args.checkpoints, args.num_samples, args.device, args.inception_weights)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
-        print_table(result)
+        for result in results:
+            print_table(result)
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from pipeline import config
+    from pipeline.doctor import run_checks
+
+    cfg = config.load(args.config, args.overrides)
+    checks = run_checks(cfg, args.address)
+    for check in checks:
+        print(check.line())
+    failed = [check for check in checks if not check.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
+    return EXIT_FAILED if failed else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert, "export": _export, "evaluate": _evaluate}
+    handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert, "export": _export, "evaluate": _evaluate,
+                "doctor": _doctor}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError) as err:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from pipeline import storage
 
@@ -206,9 +206,41 @@ class EvalSection(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(1, gt=0, description="Data-parallel ranks (Ray workers); the local runner runs one.")
+    num_workers: Union[PositiveInt, tuple[PositiveInt, PositiveInt]] = Field(
+        1,
+        description="Data-parallel ranks (Ray workers); the local runner runs one. [min, max]: an elastic Ray run "
+        "that trains on as many workers as the cluster has room for (at least min) and grows back to max "
+        "when nodes return, resuming from the last checkpoint at each change.",
+    )
+    resize_check_seconds: float = Field(
+        60, gt=0, description="Elastic runs: how often Ray looks for room to grow back towards max workers."
+    )
     use_gpu: bool = Field(False, description="Ray runner: one GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="Ray runner: CPUs reserved (and torch threads) per worker.")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range_is_ordered(cls, value):
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"an elastic range is [min, max] with min <= max, got [{value[0]}, {value[1]}]")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class DistributedSection(_Section):
@@ -263,11 +295,46 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _batch_divides_over_workers(self) -> "Config":
-        batch, workers = self.train.global_batch_size, self.scaling.num_workers
-        if batch % workers:
+        batch, scaling = self.train.global_batch_size, self.scaling
+        if not scaling.elastic:
+            if batch % scaling.max_workers:
+                raise ValueError(
+                    f"train.global_batch_size={batch} is not divisible by scaling.num_workers={scaling.max_workers}; "
+                    "every rank must take an equal slice of the global batch"
+                )
+            return self
+        # An elastic run trains on any count in its range (what the cluster has room for), each
+        # with the same global batch, so the data order and the learning dynamics do not change.
+        uneven = [n for n in scaling.world_sizes if batch % n]
+        if uneven:
+            fit = [n for n in scaling.world_sizes if not batch % n]
             raise ValueError(
-                f"train.global_batch_size={batch} is not divisible by scaling.num_workers={workers}; "
-                "every rank must take an equal slice of the global batch"
+                f"scaling.num_workers=[{scaling.min_workers}, {scaling.max_workers}]: train.global_batch_size={batch} "
+                f"does not split over {', '.join(map(str, uneven))} workers, and an elastic run may train on any "
+                f"count in its range; counts that split it: {', '.join(map(str, fit)) or 'none in the range'}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _elastic_runs_on_ray_train_v2(self) -> "Config":
+        if not self.scaling.elastic:
+            return self
+        span = f"scaling.num_workers=[{self.scaling.min_workers}, {self.scaling.max_workers}]"
+        if self.runtime.runner != "ray":
+            raise ValueError(
+                f"{span} with runtime.runner={self.runtime.runner!r}: an elastic range needs runtime.runner='ray' "
+                "(Ray Train resizes the worker group)"
+            )
+        if self.distributed.strategy == "horovod" and self.backend == "torch":
+            raise ValueError(
+                f"{span} with distributed.strategy='horovod': Horovod trains on Ray Train V1, which cannot resize "
+                "a worker group; use distributed.strategy='ddp' for an elastic run, or a fixed count"
+            )
+        if self.train.max_failures == 0:
+            raise ValueError(
+                f"{span} with train.max_failures=0: a lost node fails the worker group, and Ray shrinks the run "
+                "onto the nodes left only as a restart, which max_failures counts; allow the losses a run may "
+                "meet (e.g. train.max_failures=10). A node drained with notice costs no failure"
             )
         return self
 
@@ -309,10 +376,10 @@ class Config(_Section):
         """Measured with TF 2.21: a MultiWorkerMirroredStrategy run with float16's dynamic loss
         scale hangs in its first step after loading a checkpoint, so it could neither resume
         nor survive a worker's restart."""
-        workers = self.scaling.num_workers
+        workers = self.scaling.max_workers
         if self.backend == "tensorflow" and self.train.precision == "fp16" and self.runtime.runner == "ray" and workers > 1:
             raise ValueError(
-                f"train.precision='fp16' with backend='tensorflow' on scaling.num_workers={workers} Ray workers: "
+                f"train.precision='fp16' with backend='tensorflow' on up to scaling.num_workers={workers} Ray workers: "
                 "MultiWorkerMirroredStrategy with a dynamic loss scale hangs when it resumes from a checkpoint "
                 "(TensorFlow 2.21), so the run could not survive a restart; use precision bf16 or fp32, or one worker"
             )

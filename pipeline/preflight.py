@@ -15,7 +15,7 @@ def check_before_writing(cfg: Config) -> None:
         from pipeline.backends import check_local_devices
 
         check_local_devices(cfg)
-    if cfg.distributed.strategy == "horovod" and (cfg.runtime.runner == "horovodrun" or cfg.scaling.num_workers > 1):
+    if cfg.distributed.strategy == "horovod" and (cfg.runtime.runner == "horovodrun" or cfg.scaling.max_workers > 1):
         require_horovod()
     _check_inception_weights(cfg)
 

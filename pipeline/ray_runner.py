@@ -106,7 +106,7 @@ def _connect(job: Job) -> None:
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
     # address="local": never the cluster another program started on this machine, which
     # ray.init() would otherwise find through /tmp/ray/ray_current_cluster.
-    wanted = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    wanted = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
     ray.init(
         address="local",
         num_cpus=max(available_cpus(), wanted),
@@ -166,8 +166,7 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
         raise RunFailed(_explain(err, job)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for probe in probes:  # only our own: other runs' jobs may share the prepared data
-            Path(probe).unlink(missing_ok=True)
+        remove_storage_probes(probes)
         # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
         run_dir.delete(RAY_DIR)
     metrics = dict(result.metrics or {})
@@ -198,7 +197,7 @@ def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
         log.info("best checkpoint by %s: %s (%.6g)", tb.TAG_EVAL_FID, manager.best_name(), manager.best_score())
 
 
-def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable):
+def build_trainer(job: Job, probes: list[Probe], fit_name: str, train_fn: Callable):
     """The strategy's Ray Trainer (RAY_TRAINERS); Ray's experiment directory is
     <run>/.ray/<fit_name>, one per fit."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -216,10 +215,11 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
         train_fn,
         train_loop_config={"job": dataclasses.asdict(job), "probes": probes},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=(cfg.scaling.min_workers, cfg.scaling.max_workers) if cfg.scaling.elastic else cfg.scaling.max_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
             **trainer.scaling,
+            **elastic_scaling(cfg),
         ),
         run_config=RunConfig(
             name=fit_name,
@@ -228,6 +228,12 @@ def build_trainer(job: Job, probes: list[str], fit_name: str, train_fn: Callable
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
+
+
+def elastic_scaling(cfg: Config) -> dict:
+    """Train V2's elastic policy: a group of min..max workers, sized to what the cluster has room
+    for at each (re)start, and restarted from the last checkpoint to grow when room returns."""
+    return {"elastic_resize_monitor_interval_s": cfg.scaling.resize_check_seconds} if cfg.scaling.elastic else {}
 
 
 def checkpoint_config(cfg: Config):
@@ -279,35 +285,87 @@ def _is_lost_worker(err: BaseException) -> bool:
 # --- shared storage -----------------------------------------------------------------------
 
 
-def write_storage_probes(job: Job) -> list[str]:
-    """A fresh file in each directory on a path that every worker must share with the driver:
-    the run directory, and the prepared data. Object storage is shared by construction."""
+def write_storage_probes(job: Job) -> list[Probe]:
+    """A fresh object in the run's storage and in the prepared data's, written by the driver:
+    every worker must read it back (the same storage: a shared path, or a store it can reach
+    with credentials of its own) before its first step."""
+    return write_storage_probes_at([job.run_address, job.cfg.data.resolved_prepared_dir()])
+
+
+# (the storage's address, path or URI; the probe's name in it)
+Probe = tuple[str, str]
+
+
+def write_storage_probes_at(addresses: list[str]) -> list[Probe]:
     nonce = uuid.uuid4().hex
-    probes = []
-    for address in (job.run_address, job.cfg.data.resolved_prepared_dir()):
-        if not storage.is_uri(address):
-            probe = storage.join(address, f"{PROBE_DIR}/{nonce}")
-            storage.location(address).write_text(f"{PROBE_DIR}/{nonce}", nonce)
-            probes.append(probe)
-    return probes
+    for address in addresses:
+        storage.location(address).write_text(f"{PROBE_DIR}/{nonce}", nonce)
+    return [(address, f"{PROBE_DIR}/{nonce}") for address in addresses]
+
+
+def remove_storage_probes(probes: list[Probe]) -> None:
+    """The driver's probes and what the workers wrote beside them (only this job's: other jobs
+    may share the prepared data)."""
+    for address, name in probes:
+        base, nonce = storage.location(address), name.rpartition("/")[2]
+        try:
+            for found in base.list(PROBE_DIR):
+                if found.startswith(nonce):
+                    base.delete(f"{PROBE_DIR}/{found}")
+        except OSError as err:  # a leftover probe costs nothing
+            log.warning("could not remove the storage probes in %s: %s", base, err)
 
 
 class StorageNotShared(RuntimeError):
-    """A worker does not see the storage the driver writes to."""
+    """A worker does not see, or cannot reach, the storage the driver writes to."""
 
 
-def check_storage_probes(probes: list[str]) -> None:
+def this_node() -> str:
+    """How errors name the node a process runs on: host, address and Ray's node id."""
+    import ray
     import ray.util
 
-    for probe in probes:
-        if not Path(probe).is_file():
-            where = Path(probe).parent.parent
-            raise StorageNotShared(
-                f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}) does not see {probe}, which the "
-                f"driver has just written: {where} is not shared storage. Every node must mount the same storage "
-                "at the same path (NFS, a ReadWriteMany volume), or set runtime.storage_path / data.prepared_dir "
-                "to an object-store URI (s3://bucket/prefix, gs://...)"
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}, Ray node {node_id[:12]})"
+
+
+def check_storage_probes(probes: list[Probe], writer: str) -> None:
+    """Read each of the driver's probes, and write one beside the run's (the first, as
+    `writer`): a node without the shared mount, or without the store's credentials, fails
+    here, before its first step, naming itself and what is missing."""
+    node = this_node()
+    for index, (address, name) in enumerate(probes):
+        shown = storage.redacted(storage.join(address, name))
+        try:
+            base = storage.location(address)
+            seen = base.read_text(name) if base.exists(name) else None
+            if seen is not None and index == 0:
+                base.write_text(f"{name}-{writer}", node)
+        except OSError as err:
+            raise StorageNotShared(f"{node} cannot use {shown}: {err}. {_credentials_hint(address)}") from None
+        if seen != name.rpartition("/")[2]:
+            where = storage.redacted(address)
+            hint = (
+                f"{where} is not shared storage. Every node must mount the same storage at the same path "
+                "(NFS, a ReadWriteMany volume), or set runtime.storage_path / data.prepared_dir to an "
+                "object-store URI (s3://bucket/prefix, gs://...)"
+                if not storage.is_uri(address)
+                else f"{where} is another store from this node (its endpoint or bucket differs)"
             )
+            raise StorageNotShared(f"{node} does not see {shown}, which the driver has just written: {hint}")
+
+
+def _credentials_hint(address: str) -> str:
+    if not storage.is_uri(address):
+        return "The run's directory must be readable and writable from every node"
+    variables = {
+        "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the node's instance role)",
+        "gs": "GOOGLE_APPLICATION_CREDENTIALS (or the node's service account)",
+    }.get(storage.uri_scheme(address), "the store's credentials")
+    return (
+        f"The node's Ray processes need {variables} in the environment its `ray start` ran with "
+        "(launch/node.sh, the pod spec), not only the driver's"
+    )
 
 
 # --- on each worker -----------------------------------------------------------------------
@@ -376,7 +434,11 @@ def _restored_address() -> Optional[str]:
     restored = ray.train.get_checkpoint()
     if restored is None:
         return None
-    with restored.as_directory() as directory:
+    # Into a directory of this process's own: as_directory() shares one per checkpoint and node,
+    # and a worker that finished with it deleted it under another one still reading (seen with
+    # two workers on one node after a drain).
+    with tempfile.TemporaryDirectory(prefix="dcgan-restored-") as directory:
+        restored.to_directory(directory)
         return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoint"]
 
 
@@ -406,7 +468,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     job = Job(**loop_config["job"])
     ctx = rank_context(job.cfg)
-    check_storage_probes(loop_config["probes"])
+    check_storage_probes(loop_config["probes"], f"rank{ctx.rank}")
     _catch_sigterm()
     run_dir = storage.location(job.run_address)
     try:

@@ -1,14 +1,17 @@
-"""`python -m pipeline.quality.generate`: a checkpoint's generator writes the evaluation samples.
+"""`python -m pipeline.quality.generate`: checkpoints' generators write the evaluation samples.
 
-Run by `dcgan evaluate` as a process of the checkpoint's own framework, so the evaluating
-process (torch) never imports TensorFlow. Writes uint8 NHWC arrays: images.npy from the
-generator that samples (the EMA one when kept), images_without_ema.npy from G when there is one.
+Run by `dcgan evaluate` as a process of TensorFlow, for every TensorFlow checkpoint asked for, so
+the evaluating process (torch) never imports TensorFlow; torch checkpoints sample in that
+process through `write_samples`. Writes uint8 NHWC arrays: images.npy from the generator that
+samples (the EMA one when kept), images_without_ema.npy from G when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,6 +20,12 @@ from pipeline.backends.base import latent_noise
 from pipeline.loop import EVAL_NOISE_SEED
 
 SAMPLES, SAMPLES_WITHOUT_EMA = "images.npy", "images_without_ema.npy"
+
+
+class SampleRequest(NamedTuple):
+    checkpoint: Path  # a verified local checkpoint directory
+    num: int
+    out: Path  # an existing directory
 
 
 def write_samples(checkpoint: Path, num: int, device: str, out: Path) -> None:
@@ -29,12 +38,15 @@ def write_samples(checkpoint: Path, num: int, device: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a verified local checkpoint directory")
-    parser.add_argument("--num", type=int, required=True)
+    parser.add_argument("--sample", nargs=3, action="append", required=True, metavar=("CHECKPOINT", "NUM", "OUT"),
+                        help="a verified local checkpoint directory, how many samples, where (repeatable)")  # fmt: skip
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    write_samples(args.checkpoint, args.num, args.device, args.out)
+    for checkpoint, num, out in args.sample:
+        try:
+            write_samples(Path(checkpoint), int(num), args.device, Path(out))
+        except Exception as err:  # named for the evaluating process, which shows the last lines
+            sys.exit(f"{checkpoint}: its generator could not sample: {type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":

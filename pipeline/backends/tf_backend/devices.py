@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -51,13 +52,22 @@ def make_strategy(world_size: int) -> tf.distribute.Strategy:
     default strategy. A single-rank backend in a worker's process (the dry run's reload check)
     gets a local strategy, though TF_CONFIG still lists every worker: a MultiWorkerMirroredStrategy
     it built alone would wait for the others forever."""
-    workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+    tf_config = os.environ.get("TF_CONFIG", "{}")
+    workers = json.loads(tf_config).get("cluster", {}).get("worker", [])
     if world_size > 1 and len(workers) > 1:
-        # Created before any other TF op: MultiWorkerMirroredStrategy configures the runtime.
-        with native_stderr_captured():
-            return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy(tf_config)
     devices = _local_devices()
     return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+
+
+@functools.cache
+def _multi_worker_strategy(tf_config: str) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """One per process and cluster: TensorFlow configures its collective runtime once per
+    process, and a second MultiWorkerMirroredStrategy over the same workers hangs in its first
+    collective (TF 2.21), so a process that trains again (a resume after a run, a dry run)
+    reuses the first. Created before any other TF op: it configures the runtime."""
+    with native_stderr_captured():
+        return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def local_replicas(requested: str) -> int:
