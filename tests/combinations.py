@@ -10,8 +10,8 @@ defects found so far each sat where two options meet), greedily, in a fixed orde
 Each row runs the way its runner runs ranks, without Ray where Ray adds nothing to what the row
 proves (tests/test_ray_*.py prove Ray's part): runner local in the test process; ray with DDP as
 2 gloo ranks, with Horovod (or runner horovodrun) as 2 horovodrun ranks, with TensorFlow as 2
-MultiWorkerMirroredStrategy workers. All rows of one kind share one launch of their ranks,
-except TensorFlow's workers, which train one session per process (a pair per row and phase).
+MultiWorkerMirroredStrategy workers. All rows of one kind share one launch of their ranks
+(TensorFlow's workers keep one strategy for their cluster, which every row reuses).
 On its ranks a row trains 4 steps, resumes to 6, and dry-runs 2 (the dry run reloads its
 checkpoint and compares every tensor); the test process then samples, exports and evaluates the
 last checkpoint, and converts it to the other framework and back.
@@ -158,7 +158,7 @@ def _cost(row: dict[str, Any]) -> int:
     """Relative cost of running a row: torch.compile (seconds of inductor per network, per
     start) and ranks in processes of their own dominate."""
     compiled = row["train.compile"] and row["backend"] == "torch"
-    processes = {"local": 0, "ddp": 1, "horovod": 1, "mwms": 3}[launch_kind(row)]  # mwms: a pair per phase
+    processes = {"local": 0, "ddp": 1, "horovod": 1, "mwms": 3}[launch_kind(row)]  # mwms: TF workers, slow collectives
     return 4 * compiled + processes
 
 
@@ -236,8 +236,8 @@ def shared_job(directory: Path, name: str, rank: int, planner) -> Any:
 PHASES = ("train", "resume", "dry_run")
 
 
-def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str, phases: tuple[str, ...] = PHASES) -> None:
-    """A row's `phases` on one rank: train, resume further, dry-run; each rank records what it
+def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str) -> None:
+    """A row's phases on one rank: train, resume further, dry-run; each rank records what it
     saw (rank<N>.json, phase by phase)."""
     from pipeline.context import RankContext
     from pipeline.job import plan
@@ -254,8 +254,8 @@ def run_row(rank: int, world: int, raw: dict[str, Any], scratch: str, phases: tu
         "dry_run": lambda: plan(cfg, dry_run_steps=DRY_RUN_STEPS),
     }
     record = scratch_dir / f"rank{rank}.json"
-    outcome: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
-    for phase in phases:
+    outcome: dict[str, Any] = {}
+    for phase in PHASES:
         job = shared_job(scratch_dir, phase, rank, planners[phase]) if world > 1 else planners[phase]()
         outcome[phase] = {"start": job.start, "result": job.run(ctx)}
         record.write_text(json.dumps(outcome, default=str))
@@ -267,15 +267,15 @@ def run_rows(rank: int, world: int, rows_file: str) -> None:
         run_row(rank, world, raw, scratch)
 
 
-def _mwms_worker(rank: int, row_file: str, phase: str, ports: list[str]) -> None:
-    """One phase of one row: a MultiWorkerMirroredStrategy process trains one session (a second
-    training in the same process hangs in its first collective, seen with TF 2.21)."""
+def _mwms_worker(rank: int, rows_file: str, ports: list[str]) -> None:
+    """Every row on one MultiWorkerMirroredStrategy worker, every phase: the process keeps one
+    strategy for its cluster (pipeline/backends/tf_backend/devices.py says why), which each
+    row's backend reuses."""
     os.environ["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
         "task": {"type": "worker", "index": rank},
     })  # fmt: skip
-    raw, scratch = json.loads(Path(row_file).read_text())
-    run_row(rank, len(ports), raw, scratch, (phase,))
+    run_rows(rank, len(ports), rows_file)
 
 
 
@@ -308,15 +308,7 @@ def launch(kind: str, rows: list[tuple[dict[str, Any], str]], work: Path) -> Non
 
 
 def _launch_mwms(rows_file: Path) -> None:
-    """Two workers for each phase of each row, one after the other."""
-    for index, row in enumerate(json.loads(rows_file.read_text())):
-        row_file = rows_file.with_name(f"{rows_file.stem}-{index}.json")
-        row_file.write_text(json.dumps(row))
-        for phase in PHASES:
-            _launch_mwms_phase(row_file, phase)
-
-
-def _launch_mwms_phase(row_file: Path, phase: str) -> None:
+    """Two workers, which run every row in turn."""
     import subprocess
     import sys
 
@@ -326,7 +318,7 @@ def _launch_mwms_phase(row_file: Path, phase: str) -> None:
     ports = ",".join(str(free_port()) for _ in range(2))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.combinations", str(rank), str(row_file), phase, ports],
+        subprocess.Popen([sys.executable, "-m", "tests.combinations", str(rank), str(rows_file), ports],
                          cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         for rank in range(2)
     ]
@@ -377,7 +369,7 @@ def launched(framework: str, work: Path) -> Iterator[tuple[Path, dict[str, tuple
 
 
 def evaluate_elsewhere(planned: dict[str, tuple], work: Path) -> dict[str, dict]:
-    """`dcgan evaluate` of every row's last checkpoint through `pipeline.cli.main`, in one
+    """One `dcgan evaluate` of every row's last checkpoint through `pipeline.cli.main`, in a
     process apart (evaluation scores in torch, which a TensorFlow test process must not
     import): {row id: {"exit": code, "scores": its JSON}}; every row's exit None (and the
     error) when that process failed."""
@@ -392,18 +384,20 @@ def evaluate_elsewhere(planned: dict[str, tuple], work: Path) -> dict[str, dict]
 
 
 def evaluate_each(request_file: str) -> None:
-    """In a process of its own: `dcgan evaluate` of each {row id: address} in request_file."""
+    """In a process of its own: one `dcgan evaluate` of every {row id: address} in
+    request_file (their generators sample in one TensorFlow process)."""
     import contextlib
     import io
 
     from pipeline import cli
 
-    evaluations = {}
-    for name, address in json.loads(Path(request_file).read_text()).items():
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            code = cli.main(["evaluate", "--checkpoint", address, "--json", "--device", "cpu"])
-        evaluations[name] = {"exit": code, "scores": json.loads(printed.getvalue()) if code == 0 else printed.getvalue()}
+    addresses = json.loads(Path(request_file).read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["evaluate", *(f"--checkpoint={a}" for a in addresses.values()), "--json", "--device", "cpu"])
+    scores = json.loads(printed.getvalue()) if code == 0 else [printed.getvalue()] * len(addresses)
+    scores = scores if isinstance(scores, list) else [scores]
+    evaluations = {name: {"exit": code, "scores": each} for name, each in zip(addresses, scores)}
     Path(request_file).with_suffix(".out.json").write_text(json.dumps(evaluations))
 
 
@@ -476,8 +470,8 @@ if __name__ == "__main__":
         evaluate_each(sys.argv[2])
     elif sys.argv[1] == "local":  # local ROWS_FILE: one rank, this process
         run_rows(0, 1, sys.argv[2])
-    else:  # one MultiWorkerMirroredStrategy worker: RANK ROW_FILE PHASE PORT,PORT
-        _mwms_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(","))
+    else:  # one MultiWorkerMirroredStrategy worker: RANK ROWS_FILE PORT,PORT
+        _mwms_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","))
 
 
 def check_row(row: dict[str, Any], raw: dict[str, Any], scratch: Path, out: Path, evaluated: Optional[dict] = None) -> str:

@@ -35,14 +35,16 @@ def dcgan(*args: str, cwd: Path, timeout: float = 300, env: Optional[dict[str, s
 
 
 def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, sig: int = signal.SIGKILL, before=None,
-                  framework: str = "torch", after=None, then: tuple[tuple[int, int], ...] = (), each_step=None):
+                  framework: str = "torch", after=None, then: tuple[tuple[int, int], ...] = (), each_step=None,
+                  record_each_step: bool = False):
     """The product's Ray worker (torch), recording the indices of each batch a rank trains on;
     optionally one rank sends itself `sig` once, at the start of step `kill_at_step` of the
     first attempt (marker file `killed`), and then each `(step, sig)` of `then` in the attempts
     that follow, one per attempt, the step counted from that attempt's start (markers
     `killed-2`, `killed-3`...). `before(rank, loop_config)` runs first on every rank,
     `after(rank, loop_config)` once the worker returned, `each_step(rank, n)` before the n-th
-    step of this attempt (torch).
+    step of this attempt (torch). `record_each_step`: the trace is rewritten after every step
+    (torch), so a process that Ray ends without warning (a lost node, a resize) leaves one too.
 
     The feed reads one batch ahead (a thread gathers the next batch while a step runs), so
     indices are queued when read and recorded when their step takes the batch. For
@@ -98,6 +100,8 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         def train_step(self, batch, step):
             seen.append(read.popleft())
+            if record_each_step:
+                np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
             if each_step is not None:
                 each_step(rank, len(seen))
             kill_if_due()
@@ -166,11 +170,31 @@ def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
+def _s3_user(port: int) -> dict[str, str]:
+    """An IAM user allowed every S3 action, then authentication on for every request after."""
+    import json
+    import urllib.request
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{port}")
+    iam.create_user(UserName="trainer")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    reset = f"http://127.0.0.1:{port}/moto-api/reset-auth"  # the body is read only when typed as JSON
+    urllib.request.urlopen(urllib.request.Request(reset, data=b"0", method="POST", headers={"Content-Type": "application/json"}))
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
 @contextmanager
-def s3_server(bucket: str = "dcgan-test") -> Iterator[str]:
+def s3_server(bucket: str = "dcgan-test", authenticated: bool = False) -> Iterator[str]:
     """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; yields
     the base URI that pyarrow.fs (and so the pipeline and Ray Train) resolve. The usual AWS
-    variables are set in os.environ, so Ray workers started afterwards inherit them."""
+    variables are set in os.environ, so Ray workers started afterwards inherit them.
+    `authenticated`: the server checks every request's credentials, as S3 does (moto's IAM
+    authentication): os.environ gets the keys of a user allowed s3:*, and a process with
+    other keys is refused (403, InvalidAccessKeyId)."""
     import boto3
 
     from tests.ddp_harness import free_port
@@ -192,6 +216,8 @@ def s3_server(bucket: str = "dcgan-test") -> Iterator[str]:
                 time.sleep(0.1)
         else:
             raise RuntimeError("moto_server did not start")
+        if authenticated:
+            os.environ.update(_s3_user(port))
         yield f"s3://{bucket}/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
     finally:
         server.terminate()

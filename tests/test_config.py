@@ -73,6 +73,21 @@ BAD = [
     ({"runtime": {"runner": "horovodrun"}}, [], ["runtime.runner='horovodrun'", "distributed.strategy='horovod'", "not 'ddp'"]),
     ({"scaling": {"num_workers": 3}}, [], ["train.global_batch_size=64 is not divisible by scaling.num_workers=3"]),
     ({"scaling": {"num_workers": 0}}, [], ["scaling.num_workers", "greater than 0", "got 0"]),
+    (
+        {"runtime": {"runner": "ray"}, "train": {"max_failures": 3}, "scaling": {"num_workers": [1, 3]}},
+        [],
+        ["scaling.num_workers=[1, 3]", "train.global_batch_size=64 does not split over 3 workers", "counts that split it: 1, 2"],
+    ),
+    ({"scaling": {"num_workers": [3, 2]}}, [], ["scaling.num_workers", "min <= max, got [3, 2]"]),
+    ({"scaling": {"num_workers": [1, 2]}}, [], ["scaling.num_workers=[1, 2]", "runtime.runner='local'", "needs runtime.runner='ray'"]),
+    (
+        {"runtime": {"runner": "ray"}, "distributed": {"strategy": "horovod"}, "train": {"max_failures": 1},
+         "scaling": {"num_workers": [1, 2]}},
+        [],
+        ["scaling.num_workers=[1, 2]", "distributed.strategy='horovod'", "Ray Train V1, which cannot resize"],
+    ),
+    ({"runtime": {"runner": "ray"}, "train": {"global_batch_size": 48}, "scaling": {"num_workers": [2, 4]}}, [],
+     ["scaling.num_workers=[2, 4]", "train.max_failures=0"]),
     ({"runtime": {"runner": "ray", "device": "cuda"}}, [], ["runtime.device='cuda'", "needs scaling.use_gpu=true"]),
     ({"runtime": {"runner": "ray", "device": "cpu"}, "scaling": {"use_gpu": True}}, [], ["scaling.use_gpu=true", "idle"]),
     ({"runtime": {"deterministic": "sometimes"}}, [], ["runtime.deterministic", "got 'sometimes'"]),
@@ -139,6 +154,21 @@ def test_the_old_amp_key_names_its_replacement(amp: bool, replacement: str):
         config.load(None, [f"train.amp={str(amp).lower()}"])
     assert "train.amp was replaced by train.precision" in str(caught.value)
     assert replacement in str(caught.value)
+
+
+def test_an_elastic_range_reads_from_yaml_and_from_set(tmp_path: Path):
+    path = _write(tmp_path, {"runtime": {"runner": "ray"}, "train": {"max_failures": 5, "global_batch_size": 48},
+                             "scaling": {"num_workers": [2, 4]}})  # fmt: skip
+    scaling = config.load(path, []).scaling
+    assert (scaling.min_workers, scaling.max_workers, scaling.elastic, list(scaling.world_sizes)) == (2, 4, True, [2, 3, 4])
+    overridden = config.load(path, ["scaling.num_workers=[1, 2]", "train.global_batch_size=32"]).scaling
+    assert (overridden.min_workers, overridden.max_workers) == (1, 2)
+    fixed = config.load(path, ["scaling.num_workers=2"]).scaling
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (2, 2, False)
+    pinned = config.load(path, ["scaling.num_workers=[3, 3]"]).scaling  # a range of one count: a fixed run
+    assert (pinned.min_workers, pinned.max_workers, pinned.elastic) == (3, 3, False)
+    round_trip = config.validate(config.load(path, []).to_dict())
+    assert round_trip.scaling.num_workers == (2, 4)
 
 
 def test_speed_settings_validate_with_their_field_names():

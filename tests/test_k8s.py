@@ -15,8 +15,8 @@ import yaml
 from pipeline import config
 from tests.conftest import ROOT
 
-OVERLAYS = ["cpu-smoke", "gpu-8", "tensorflow"]
-GPU_OVERLAYS = {"gpu-8"}
+OVERLAYS = ["cpu-smoke", "gpu-8", "tensorflow", "elastic"]
+GPU_OVERLAYS = {"gpu-8", "elastic"}
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-1.7"
 BIN = Path(sys.executable).parent
 
@@ -63,15 +63,25 @@ def test_core_kinds_validate(rendered):
         kubernetes_validate.validate(doc, "1.32", strict=True)
 
 
-def test_rayjob_validates_against_the_kuberay_crd(rendered):
+@pytest.fixture(scope="module")
+def rayjob_validator():
+    """The v1 RayJob schema of KubeRay's CRD, read once (1.4 MB of YAML: libyaml's loader where
+    PyYAML has it, seconds faster than the pure-Python one) and checked once."""
     jsonschema = pytest.importorskip("jsonschema")
     crd_file = SCHEMAS / "ray.io_rayjobs.yaml"
     if not crd_file.is_file():
         pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
-    crd = yaml.safe_load(crd_file.read_text())
+    crd = yaml.load(crd_file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    validator = jsonschema.validators.validator_for(schema)
+    validator.check_schema(schema)
+    return validator(schema)
+
+
+def test_rayjob_validates_against_the_kuberay_crd(rendered, rayjob_validator):
     _, docs = rendered
-    jsonschema.validate(_one(docs, "RayJob"), version["schema"]["openAPIV3Schema"])
+    rayjob_validator.validate(_one(docs, "RayJob"))
 
 
 def test_rayjob_runs_the_shared_entrypoint_with_its_lifecycle_set(rendered):
@@ -81,6 +91,8 @@ def test_rayjob_runs_the_shared_entrypoint_with_its_lifecycle_set(rendered):
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
     assert job["backoffLimit"] >= 1 and job["activeDeadlineSeconds"] > 0 and job["submissionMode"] == "K8sJobMode"
     assert job["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    # A stop reaches the driver as SIGTERM; the ranks need time to checkpoint before Ray's SIGKILL.
+    assert int(yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
     dockerfile = (ROOT / "Dockerfile").read_text()
     base_image = re.search(r"^FROM rayproject/ray:(\S+?)-", dockerfile, re.M).group(1)
     installed = re.search(r'"ray\[default,train\]==(\S+?)"', dockerfile).group(1)
@@ -95,8 +107,12 @@ def test_the_run_config_comes_from_configs_and_matches_the_manifest(rendered):
     assert yaml.safe_load((ROOT / "configs/k8s" / overlay / "run.yaml").read_text()) == yaml.safe_load(
         _one(docs, "ConfigMap")["data"]["run.yaml"]
     )
-    (group,) = _one(docs, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == cfg.scaling.num_workers
+    cluster = _one(docs, "RayJob")["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (cfg.scaling.min_workers, cfg.scaling.max_workers)
+    assert group["replicas"] == cfg.scaling.max_workers
+    # An elastic range needs pods to come and go as Ray asks: KubeRay's autoscaler.
+    assert cluster.get("enableInTreeAutoscaling", False) == cfg.scaling.elastic == (overlay == "elastic")
     assert cfg.runtime.runner == "ray" and str(cfg.runtime.storage_path).startswith("/data/")
     assert str(cfg.data.resolved_prepared_dir()).startswith("/data/")
     assert cfg.scaling.use_gpu == (overlay in GPU_OVERLAYS)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import cli
 from tests.conftest import ROOT, small_config
 from tests.ddp_harness import free_port
 from tests.helpers import write_config
@@ -58,19 +59,6 @@ def submit(head, config: Path, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_a_horovod_job_runs_on_the_cluster_through_the_jobs_api(head, tmp_path: Path):
-    """HorovodTrainer needs Ray Train V1 in the job's driver and in its workers: the driver's
-    ray.init hands the switch to the workers through the job's runtime environment."""
-    cfg = small_config(tmp_path, run={"name": "horovod"}, train={"steps": 4}, checkpoint={"every": 2, "keep": 2},
-                       scaling={"num_workers": 2}, distributed={"strategy": "horovod"}, runtime={"runner": "ray"})  # fmt: skip
-    done = submit(head, write_config(tmp_path / "horovod.yaml", cfg))
-    logs = done.stdout + done.stderr
-    assert done.returncode == 0, logs
-    assert "HorovodTrainer" in logs and "succeeded" in logs
-    manifest = json.loads((cfg.run_dir / "checkpoints" / "step-00000004" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["config"]["distributed"]["strategy"] == "horovod"
-
-
 def test_the_head_refuses_a_client_without_its_token(head):
     env, address = head
     wrong = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
@@ -80,6 +68,30 @@ def test_the_head_refuses_a_client_without_its_token(head):
     token_ok = subprocess.run([RAY_CLI, "job", "list", "--address", address],
                               env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert token_ok.returncode == 0, token_ok.stderr
+
+
+def test_a_node_joins_the_head_with_its_token_and_stops_alone(head):
+    env, _ = head
+    gcs = f"127.0.0.1:{env['RAY_PORT']}"
+    node_env = {**env, "NODE_NAME": "extra"}
+    started = subprocess.run(["bash", ROOT / "launch/node.sh", "start", gcs, "--num-cpus", "1"],
+                             env=node_env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        count = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+                 "print(sorted(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']))") % gcs  # fmt: skip
+        nodes = subprocess.run([sys.executable, "-c", count], env={**env, "RAY_AUTH_MODE": "token"},
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert nodes.returncode == 0, nodes.stderr
+        assert nodes.stdout.strip().splitlines()[-1] == "[1.0, 4.0]"  # the head's 4 CPUs and the node's 1
+    finally:
+        stopped = subprocess.run(["bash", ROOT / "launch/node.sh", "stop", gcs], env=node_env,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr
+    own = subprocess.run(["pgrep", "-f", f"/tmp/ray-node-{env['RAY_PORT']}-extra/"], capture_output=True, text=True)
+    assert own.stdout == "", f"processes of the stopped node remain: {own.stdout}"
+    head_alive = subprocess.run(["pgrep", "-f", f"/tmp/ray-head-{env['RAY_PORT']}/"], capture_output=True, text=True)
+    assert head_alive.stdout, "node.sh stop ended the head"
 
 
 def test_cluster_launcher_config_validates_against_rays_schema():
@@ -119,25 +131,6 @@ def _job_config(tmp_path: Path, name: str, **sections) -> tuple:
     return cfg, write_config(tmp_path / f"{name}.yaml", cfg)
 
 
-def test_a_resubmit_resumes_an_explicit_older_step(head, tmp_path: Path):
-    # Resuming is the driver's planning (tests/test_job.py, past a corrupt newest checkpoint
-    # too): here, that a resubmit's --resume reaches it through the Jobs API.
-    cfg, config = _job_config(tmp_path, "lines", train={"steps": 6}, checkpoint={"every": 2, "keep": 3})
-    first = submit(head, config)
-    logs = first.stdout + first.stderr
-    assert first.returncode == 0, logs
-    assert "RayTrainWorker" in logs and "succeeded" in logs  # the job's own log lines, streamed
-    checkpoints = cfg.run_dir / "checkpoints"
-
-    older = submit(head, config, "--resume", str(checkpoints / "step-00000002"))
-    logs = older.stdout + older.stderr
-    assert older.returncode == 0, logs
-    assert "resuming from" in logs and "(step 2," in logs  # not Ray's newest checkpoint of an older fit
-    (abandoned,) = checkpoints.glob("abandoned-*")
-    assert sorted(p.name for p in abandoned.iterdir()) == ["step-00000004", "step-00000006"]
-    assert (checkpoints / "LATEST").read_text().strip() == "step-00000006"  # the new line's
-
-
 def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head, tmp_path: Path):
     cfg, config = _job_config(tmp_path, "relative")
     raw = yaml.safe_load(config.read_text())
@@ -150,10 +143,19 @@ def test_a_relative_path_with_a_cluster_address_is_refused_naming_the_field(head
     assert not cfg.run_dir.exists()
 
 
-def test_a_second_submit_fails_on_the_lease_and_ray_job_stop_checkpoints_the_first_for_its_resubmit(head, tmp_path: Path):
-    # It trains until stopped, and checkpoints only when stopped.
+def test_a_second_submit_fails_on_the_lease_ray_job_stop_checkpoints_and_a_horovod_resubmit_resumes_an_older_step(head, tmp_path: Path):
+    """One run through three submissions: the holder trains until `ray job stop` (its only
+    checkpoint is the stop's); a second submit meanwhile is refused by the lease; after a newer
+    line is trained locally, a resubmit's `--resume` of the stop checkpoint reaches the driver.
+    What `--resume` of an older step does is the driver's planning (tests/test_job.py, past a
+    corrupt newest checkpoint too): here, that the flag gets there through the Jobs API.
+
+    The resubmit runs on two Horovod workers (a DDP checkpoint resumes under Horovod:
+    tests/test_horovod.py): HorovodTrainer needs Ray Train V1 in the job's driver and in its
+    workers, and the driver's ray.init hands the switch to the workers through the job's
+    runtime environment."""
     endless = 10**6
-    cfg, config = _job_config(tmp_path, "stopped", train={"steps": endless}, checkpoint={"every": endless, "keep": 2, "stop_check_every": 1})
+    cfg, config = _job_config(tmp_path, "stopped", train={"steps": endless}, checkpoint={"every": endless, "keep": 3, "stop_check_every": 1})
     env, address = head
     first = submit_in_background(head, config)
     try:
@@ -172,16 +174,27 @@ def test_a_second_submit_fails_on_the_lease_and_ray_job_stop_checkpoints_the_fir
         assert stop.returncode == 0, stop.stdout + stop.stderr
     finally:
         out, _ = first.communicate(timeout=300)
-    (saved,) = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
+    checkpoints = cfg.run_dir / "checkpoints"
+    (saved,) = sorted(checkpoints.glob("step-*"))
     step = int(saved.name[5:])
     assert 0 < step < endless, out
     assert not (cfg.run_dir / "STOP").exists() and not cfg.run_dir.with_name("stopped.lease").exists()
 
-    resumed = submit(head, config, "--set", f"train.steps={step + 4}")
+    # A newer line, trained here (the runner does not matter to it), so the stop checkpoint is older.
+    assert cli.main(["train", "--config", str(config), "--runner", "local", "--set", f"train.steps={step + 2}"]) == 0
+    assert (checkpoints / "LATEST").read_text().strip() == f"step-{step + 2:08d}"
+
+    horovod = ("--set", "distributed.strategy=horovod", "--set", "scaling.num_workers=2")
+    resumed = submit(head, config, "--resume", str(saved), "--set", f"train.steps={step + 4}", *horovod)
     logs = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, logs
-    assert f"(step {step}," in logs
-    assert (cfg.run_dir / "checkpoints" / f"step-{step + 4:08d}" / "manifest.json").is_file()
+    assert "HorovodTrainer" in logs and "succeeded" in logs  # the job's own log lines, streamed
+    assert f"(step {step}," in logs  # the stop checkpoint, not the newest
+    (abandoned,) = checkpoints.glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == [f"step-{step + 2:08d}"]
+    assert (checkpoints / "LATEST").read_text().strip() == f"step-{step + 4:08d}"
+    manifest = json.loads((checkpoints / f"step-{step + 4:08d}" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["config"]["distributed"]["strategy"] == "horovod"
 
 
 def test_cluster_launcher_commands_use_no_variable_that_nothing_sets():

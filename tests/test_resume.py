@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import cli
 from tests.conftest import small_config
 from tests.helpers import dcgan, read_scalars, write_config
 
@@ -39,13 +40,12 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path: Path, precision: str):
     whole_yaml = write_config(tmp_path / "whole.yaml", whole)
     split_yaml = write_config(tmp_path / "split.yaml", split)
 
-    for args in (
-        ["train", "--config", whole_yaml],
-        ["train", "--config", split_yaml, "--set", f"train.steps={K}"],  # stops and saves at K
-        ["train", "--config", split_yaml],  # a new process picks up the step-K checkpoint
-    ):
-        result = dcgan(*args, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
+    # The uninterrupted run and the first half in this process; the second half in a new one,
+    # which has only the step-K checkpoint to go on.
+    assert cli.main(["train", "--config", str(whole_yaml)]) == 0
+    assert cli.main(["train", "--config", str(split_yaml), "--set", f"train.steps={K}"]) == 0  # stops and saves at K
+    result = dcgan("train", "--config", split_yaml, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     assert f"resuming from {split.run_dir / 'checkpoints' / f'step-{K:08d}'}" in result.stderr
 
     a, b = _final_tensors(whole.run_dir, 2 * K), _final_tensors(split.run_dir, 2 * K)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import cli
 from pipeline import tensorboard as tb
 from tests.conftest import small_config
 from tests.helpers import dcgan, read_scalars, write_config
@@ -60,7 +61,7 @@ def check_best_survived(checkpoints: Path, logged_fid: dict[int, float]) -> str:
     return best
 
 
-def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(tmp_path: Path):
+def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(tmp_path: Path, capsys):
     cfg = eval_config(tmp_path)
     config_file = write_config(tmp_path / "eval.yaml", cfg)
     for args in ([], DEGRADE):
@@ -81,17 +82,20 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
     for step, score in checkpoint_scores(checkpoints).items():
         assert score == pytest.approx(fid[step], rel=1e-6)
 
-    # The command evaluates the checkpoint in a process of its framework and scores it the same way.
-    done = dcgan("evaluate", "--checkpoint", checkpoints / best, "--json", cwd=tmp_path)
+    # The command scores checkpoints, several in one go, as training scored them.
+    newest = f"step-{STEPS:08d}"
+    done = dcgan("evaluate", "--checkpoint", checkpoints / best, "--checkpoint", checkpoints / newest, "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert result["step"] == int(best[5:]) and result["framework"] == "torch" and result["generator"] == "ema"
-    recorded = json.loads((checkpoints / best / "manifest.json").read_text())["scores"]
-    for tag, value in recorded.items():
-        assert result["metrics"][tag] == pytest.approx(value, rel=1e-9, abs=1e-12), tag
+    results = json.loads(done.stdout)
+    assert [r["step"] for r in results] == [int(best[5:]), STEPS]
+    for name, result in zip((best, newest), results):
+        assert result["framework"] == "torch" and result["generator"] == "ema"
+        recorded = json.loads((checkpoints / name / "manifest.json").read_text())["scores"]
+        for tag, value in recorded.items():
+            assert result["metrics"][tag] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, tag)
 
-    table = dcgan("evaluate", "--checkpoint", checkpoints / best, cwd=tmp_path)
-    assert table.returncode == 0 and "eval/coverage" in table.stdout
+    assert cli.main(["evaluate", "--checkpoint", str(checkpoints / best)]) == 0
+    assert "eval/coverage" in capsys.readouterr().out  # the table
 
 
 def test_evaluate_refuses_a_missing_checkpoint_by_name(tmp_path: Path):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build Horovod for this virtual environment's PyTorch and install it (make horovod runs this).
-#   third_party/horovod/build.sh PYTHON
+#   third_party/horovod/build.sh [--wheel-only] PYTHON
+# --wheel-only builds the wheel into the cache and leaves the environment as it is: it needs only
+# PyTorch, setuptools and wheel installed, so `make test` builds while the rest installs.
 # Horovod 0.28.1 (its last release) as published does not compile against PyTorch 2.x, whose
 # headers require C++20: the sdist from the package registry is patched with the patches
 # beside this script, then built with PyTorch and Gloo only (no TensorFlow, MXNet or MPI).
@@ -16,7 +18,9 @@
 # on the same machine (CI), reinstalls it in seconds; a change to any of them builds anew.
 set -euo pipefail
 
-python=${1:?usage: build.sh PYTHON}
+wheel_only=false
+if [ "${1:-}" = --wheel-only ]; then wheel_only=true; shift; fi
+python=${1:?usage: build.sh [--wheel-only] PYTHON}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dcgan/horovod}
 version=0.28.1
@@ -52,7 +56,10 @@ if [ -z "$wheel" ]; then
     "$python" -m pip download --quiet --no-deps --no-binary=:all: "horovod==$version" -d "$work"
     tar -xzf "$work/horovod-$version.tar.gz" -C "$work"
     for patch in "${patches[@]}"; do patch --quiet -p1 -d "$work/horovod-$version" < "$patch"; done
-    "$python" -m pip install --quiet "setuptools>=61" wheel  # --no-build-isolation builds with these
+    # --no-build-isolation builds with these; installed only where missing (another pip may be
+    # installing into this environment meanwhile: make test).
+    "$python" -c 'import setuptools, wheel; assert int(setuptools.__version__.split(".")[0]) >= 61' 2>/dev/null ||
+        "$python" -m pip install --quiet "setuptools>=61" wheel
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
         HOROVOD_WITHOUT_MPI=1 HOROVOD_LOCAL_VERSION="$local_version" MAKEFLAGS="-j$(nproc)"
     if [ "$variant" = gpu ]; then
@@ -68,6 +75,7 @@ if [ -z "$wheel" ]; then
     cp "$work"/dist/horovod-*.whl "$cache/"
     wheel=$(compgen -G "$cache/horovod-$version+$local_version-*.whl" | head -n1)
 fi
+if $wheel_only; then echo "cached $wheel"; exit 0; fi
 "$python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
 "$python" -m pip install --quiet "cloudpickle" "psutil" "pyyaml" "packaging"  # Horovod's own requirements
 "$python" -c 'import horovod.torch as hvd; assert hvd.gloo_built(), "Horovod was built without Gloo"'
