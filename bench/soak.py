@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import config, ray_runner  # noqa: E402
+from pipeline.ray_runner.worker import train_loop_per_worker  # noqa: E402
 from pipeline.checkpoint import verify  # noqa: E402
 from pipeline.job import plan  # noqa: E402
 
@@ -72,7 +73,7 @@ def recording_worker(trace: Path):
 
             TorchBackend.train_step = train_step
             try:
-                ray_runner._worker(loop_config)
+                train_loop_per_worker(loop_config)
             finally:
                 TorchBackend.train_step = original
 

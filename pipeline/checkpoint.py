@@ -13,8 +13,10 @@
 On a filesystem a save writes into `step-N.tmp/`, fsyncs, writes the manifest, renames the
 directory to `step-N/`, fsyncs the parent, then replaces LATEST. In object storage (no rename,
 no fsync) the directory is staged on local disk and uploaded file by file, the manifest last
-and LATEST after it. Either way a crash leaves the previous checkpoint set or the new one,
-never a partial checkpoint that passes verification.
+and LATEST after it. Both are one path (`publish_checkpoint`): the checkpoint is written whole
+on this node, then its storage Location publishes it (a rename, or an upload). Either way a
+crash leaves the previous checkpoint set or the new one, never a partial checkpoint that
+passes verification.
 
 Discovery reads LATEST first and falls back to scanning when it is missing or does not verify;
 it trusts only manifests whose checksums verify; a corrupt checkpoint is skipped with a warning
@@ -110,11 +112,15 @@ def verify(path: Path) -> CheckpointInfo:
     return CheckpointInfo(path, manifest)
 
 
-def write_checkpoint(final: Path, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
-    """One complete checkpoint directory at `final`, through `<final>.tmp` (see the module doc)."""
-    staging = final.with_name(final.name + ".tmp")
+def publish_checkpoint(
+    location: Location, name: str, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]
+) -> Path:
+    """The one save path, for a filesystem and for object storage alike: the checkpoint is
+    written whole on this node (the location's staging directory), its manifest last, then the
+    location publishes it (see the module doc). Returns the complete copy on this node."""
+    staging = location.staging_dir(name)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     try:
         write_files(staging)
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
@@ -123,14 +129,15 @@ def write_checkpoint(final: Path, step: int, write_files: Callable[[Path], None]
         # The manifest goes last: a directory without one is never treated as complete.
         write_json_durably(staging / MANIFEST, manifest)
         fsync_dir(staging)
-        if final.exists():  # re-saving a step (e.g. a rerun after a crash): replace it whole
-            shutil.rmtree(final)
-        staging.rename(final)
-        fsync_dir(final.parent)
+        return location.publish(staging, name, last=[MANIFEST])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+
+
+def write_checkpoint(final: Path, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any]) -> Path:
+    """One complete checkpoint directory at the path `final` (dcgan convert's output)."""
+    return publish_checkpoint(storage.LocalLocation(final.parent), final.name, step, write_files, metadata)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -211,12 +218,8 @@ class CheckpointManager:
         metadata = {**metadata, "job": self.job} if self.job else metadata
         if score is not None:
             metadata["score"] = score if math.isfinite(score) else None
-        if self.location.is_local:
-            self.location.path.mkdir(parents=True, exist_ok=True)
-            final = write_checkpoint(self.location.path / name, step, write_files, metadata)
-            info = CheckpointInfo(final, _read_manifest(final))
-        else:
-            info = self._stage_and_upload(name, step, write_files, metadata)
+        local = publish_checkpoint(self.location, name, step, write_files, metadata)
+        info = CheckpointInfo(local, _read_manifest(local), "" if self.location.is_local else str(self.location.child(name)))
         self.location.write_text(LATEST, name + "\n")
         if score is not None and math.isfinite(score) and score < self.best_score():
             self.location.write_text(BEST, name + "\n")
@@ -241,17 +244,6 @@ class CheckpointManager:
             return float(json.loads(self.location.read_text(f"{name}/{MANIFEST}"))["score"]) if name else math.inf
         except (OSError, ValueError, KeyError, TypeError):
             return math.inf  # gone or unreadable: the next scored checkpoint takes its place
-
-    def _stage_and_upload(self, name: str, step: int, write_files, metadata) -> CheckpointInfo:
-        staging_root = storage.cache_dir_for("staging", str(self.location))
-        staging_root.mkdir(parents=True, exist_ok=True)
-        local = write_checkpoint(staging_root / name, step, write_files, metadata)
-        for older in staging_root.glob("step-*"):  # the newest staged copy stays for reloads
-            if older.name != name:
-                shutil.rmtree(older, ignore_errors=True)
-        self.location.delete(name)  # a re-save must not mix old files under a valid manifest
-        self.location.upload(local, name, last=[MANIFEST])
-        return CheckpointInfo(local, _read_manifest(local), str(self.location.child(name)))
 
     def complete_steps(self) -> list[str]:
         """Names of step directories with a manifest, newest first (checksums not yet verified)."""

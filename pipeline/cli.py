@@ -263,7 +263,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from pipeline import config
-    from pipeline.doctor import run_checks
+    from pipeline.ray_runner.doctor import run_checks
 
     cfg = config.load(args.config, args.overrides)
     checks = run_checks(cfg, args.address)

@@ -189,6 +189,16 @@ class Location:
         """Move a directory (atomically on a filesystem; copy then delete on object storage)."""
         raise NotImplementedError
 
+    def staging_dir(self, name: str) -> Path:
+        """Where a directory bound for `name` is written on this node before `publish`."""
+        raise NotImplementedError
+
+    def publish(self, staged: Path, name: str, last: Iterable[str] = ()) -> Path:
+        """Put the complete directory `staged` (from `staging_dir(name)`) at `name`, replacing
+        what was there: a reader that waits for the files named in `last` never sees a mix of
+        the two. Returns a directory on this node that holds the published files."""
+        raise NotImplementedError
+
     def upload(self, local_dir: Path, name: str, last: Iterable[str] = ()) -> None:
         """Copy the files below `local_dir` to `name`, the files named in `last` after all others."""
         raise NotImplementedError
@@ -255,6 +265,17 @@ class LocalLocation(Location):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.path / name, target)
         fsync_dir(target.parent)
+
+    def staging_dir(self, name: str) -> Path:
+        return self.path / f"{name}.tmp"  # beside its final place: one rename publishes it
+
+    def publish(self, staged: Path, name: str, last: Iterable[str] = ()) -> Path:
+        final = self.path / name
+        if final.exists():  # written again (a rerun after a crash, --fresh): replaced whole
+            shutil.rmtree(final)
+        staged.rename(final)
+        fsync_dir(final.parent)
+        return final
 
     # A filesystem location is written and read in place: nothing is ever copied to or from it
     # (the base class's upload / download raise NotImplementedError).
@@ -349,6 +370,17 @@ class ObjectLocation(Location):
             if info.type == pyarrow.fs.FileType.File:
                 self.fs.copy_file(info.path, self._path(new_name) + info.path[len(source) :])
         self.delete(name)
+
+    def staging_dir(self, name: str) -> Path:
+        return cache_dir_for("staging", str(self)) / name
+
+    def publish(self, staged: Path, name: str, last: Iterable[str] = ()) -> Path:
+        self.delete(name)  # no rename here: the old files go first, so none outlives the new `last`
+        self.upload(staged, name, last)
+        for older in staged.parent.iterdir():  # the newest staged copy stays, for reloads on this node
+            if older != staged:
+                shutil.rmtree(older, ignore_errors=True)
+        return staged
 
     def upload(self, local_dir: Path, name: str, last: Iterable[str] = ()) -> None:
         last = list(last)

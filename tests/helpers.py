@@ -56,7 +56,7 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         import ray.train
 
-        from pipeline import ray_runner
+        from pipeline.ray_runner.worker import train_loop_per_worker
         from pipeline.data.shards import ShardedImages
 
         rank = ray.train.get_context().get_world_rank()
@@ -83,7 +83,7 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
             ShardedImages.gather = gather
             try:
-                ray_runner._worker(loop_config)
+                train_loop_per_worker(loop_config)
             finally:
                 ShardedImages.gather = original_gather
                 if seen:
@@ -109,7 +109,7 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         ShardedImages.gather, TorchBackend.train_step = gather, train_step
         try:
-            ray_runner._worker(loop_config)
+            train_loop_per_worker(loop_config)
             if after is not None:
                 after(rank, loop_config)
         finally:

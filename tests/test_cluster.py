@@ -25,6 +25,7 @@ from tests.helpers import s3_server, traced_worker, write_config
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
+from pipeline.ray_runner.worker import restored_address  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -354,7 +355,7 @@ def test_an_elastic_run_goes_on_with_the_nodes_left_and_grows_back_when_one_join
 
         from pipeline.job import Job
 
-        resumed = Job(**loop_config["job"])._start(ray_runner._restored_address())  # what the session resumes
+        resumed = Job(**loop_config["job"])._start(restored_address())  # what the session resumes
         start = resumed.step if resumed else 0
         world = ray.train.get_context().get_world_size()
         node = ray.get_runtime_context().get_node_id()

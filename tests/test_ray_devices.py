@@ -17,7 +17,7 @@ from tests.conftest import small_config
 from tests.helpers import local_ray
 
 ray = pytest.importorskip("ray")
-from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
+from pipeline.ray_runner.worker import rank_context  # noqa: E402  (after the skip: needs ray)
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -34,7 +34,7 @@ def ray_cluster():
 
 def _record_device(loop_config: dict) -> None:
     """What the pipeline's worker would train on, next to what Ray assigned."""
-    ctx = ray_runner.rank_context(loop_config["cfg"])
+    ctx = rank_context(loop_config["cfg"])
     seen = {"device": ctx.device, "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # fmt: skip
     Path(loop_config["out"], f"rank-{ctx.rank}.json").write_text(json.dumps(seen))

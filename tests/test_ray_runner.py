@@ -26,6 +26,8 @@ from tests.helpers import checkpoint_tensors, local_ray, read_scalars, s3_server
 
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
+from pipeline.ray_runner import driver  # noqa: E402
+from pipeline.stopping import STOP_FILE  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
@@ -70,10 +72,10 @@ def reference(s3_base, tmp_path_factory) -> tuple[Config, Path, dict]:
 
     def stop_at_the_end(rank: int, loop_config: dict) -> None:
         if rank == 0:
-            storage.location(Job(**loop_config["job"]).run_address).write_text(ray_runner.STOP_FILE, "late\n")
+            storage.location(Job(**loop_config["job"]).run_address).write_text(STOP_FILE, "late\n")
 
     metrics = ray_runner.run(plan(cfg), train_fn=traced_worker(traces, after=stop_at_the_end))
-    assert not (cfg.run_dir / ray_runner.STOP_FILE).exists()
+    assert not (cfg.run_dir / STOP_FILE).exists()
     return cfg, traces, metrics
 
 
@@ -180,8 +182,8 @@ def test_a_process_already_connected_without_the_horovod_environment_is_told_how
     """A notebook's ray.init() without RAY_TRAIN_V2_ENABLED=0 for the workers: Horovod's V1
     workers would never get it, so the run is refused naming what to pass."""
     with pytest.raises(ConfigError, match=r"runtime_env=\{'env_vars': \{'RAY_TRAIN_V2_ENABLED': '0'\}\}"):
-        ray_runner._check_connected_env(ray_runner.RAY_TRAINERS["horovod"])
-    ray_runner._check_connected_env(ray_runner.RAY_TRAINERS["ddp"])  # needs nothing
+        driver.check_connected_env(driver.RAY_TRAINERS["horovod"])
+    driver.check_connected_env(driver.RAY_TRAINERS["ddp"])  # needs nothing
 
 
 def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_naming_its_node(s3_base, tmp_path: Path):
@@ -220,7 +222,7 @@ def test_ray_ranks_checkpoints_by_fid_and_the_best_survives_retention(s3_base, t
         )  # fmt: skip
 
     first = quality_config(30, 2e-2)
-    checkpoint_config = ray_runner.checkpoint_config(first)
+    checkpoint_config = driver.checkpoint_config(first)
     assert (checkpoint_config.checkpoint_score_attribute, checkpoint_config.checkpoint_score_order) == ("eval/fid", "min")
     ray_runner.run(plan(first))
     # It degrades late: resumed at step 30 with a learning rate far too high.

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.ray_runner.probes import Probe, StorageNotShared, check_probes, remove_probes, this_node, write_probes
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,13 @@ def frameworks(backend: str) -> dict[str, str]:
     return found
 
 
-def node_report(probes: list, backend: str) -> dict[str, Any]:
+def node_report(probes: list[Probe], backend: str) -> dict[str, Any]:
     """On one node (a Ray task): its versions, its storage check, its cache's free disk."""
-    from pipeline.ray_runner import StorageNotShared, check_storage_probes, this_node
-
     report: dict[str, Any] = {"node": this_node(), "versions": frameworks(backend), "storage": None}
     try:
         import ray
 
-        check_storage_probes(probes, f"doctor-{ray.get_runtime_context().get_node_id()[:12]}")
+        check_probes(probes, f"doctor-{ray.get_runtime_context().get_node_id()[:12]}")
     except StorageNotShared as err:
         report["storage"] = str(err)
     cache = storage.cache_root()
@@ -124,9 +123,7 @@ def _per_node(cfg: Config, nodes: list[dict], mine: dict[str, str]) -> list[Chec
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.ray_runner import remove_storage_probes, write_storage_probes_at
-
-    probes = write_storage_probes_at([cfg.run_address, cfg.data.resolved_prepared_dir()])
+    probes = write_probes([cfg.run_address, cfg.data.resolved_prepared_dir()])
     task = ray.remote(num_cpus=0, max_retries=0)(node_report)
     try:
         pending = {
@@ -140,7 +137,7 @@ def _per_node(cfg: Config, nodes: list[dict], mine: dict[str, str]) -> list[Chec
             except Exception as err:  # the task could not run there: the node's Python cannot import us
                 reports[node_id] = {"node": f"Ray node {node_id[:12]}", "error": str(err).strip().splitlines()[-1]}
     finally:
-        remove_storage_probes(probes)
+        remove_probes(probes)
     checks = []
     for node_id, report in reports.items():
         where = report["node"]
