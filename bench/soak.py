@@ -177,7 +177,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # every node on 127.0.0.1
-    cluster = Cluster(initialize_head=True, head_node_args={
+    # No exit hooks per node: they install a SIGTERM handler, which only the main thread may, and
+    # the chaos thread adds nodes. The cluster is shut down below.
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
         "env_vars": {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"},
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},

@@ -316,6 +316,45 @@ def test_two_nodes_on_one_run_in_object_storage_share_the_store_not_their_caches
     assert storage.location(runs).list("leased.lease") == [], "the old holder wrote its record back"
 
 
+def test_a_ray_run_whose_lease_another_job_takes_ends_without_writing(cluster, tmp_path: Path):
+    """The driver (this process, on the head) holds the run's lease in the store. At step 5 a
+    job on rank 1's node takes the lease over, as it would a stale one; rank 0, on another node,
+    sees it within stop_poll_seconds, the ranks stop at an agreed step before the next
+    checkpoint, and the driver raises LeaseLost (the CLI's exit 3). Nothing is written after
+    the takeover: no checkpoint past step 4, and the driver never writes its record back."""
+    from pipeline.lease import RunLease
+    from pipeline.stopping import LeaseLost
+
+    runs = storage.join(cluster.s3_base, "leased-fit")
+    cfg = small_config(
+        tmp_path, run={"name": "taken"}, runtime={"runner": "ray", "storage_path": runs},
+        train={"steps": 400, "global_batch_size": 16, "max_failures": 0},
+        checkpoint={"every": 4, "keep": 10, "stop_check_every": 1, "stop_poll_seconds": 0.2},
+        scaling={"num_workers": 2, "cpus_per_worker": 1},
+    )  # fmt: skip
+    taker_ids = tmp_path / "taker"
+
+    def take_the_lease_at_step_5(rank: int, step: int) -> None:
+        if rank == 1 and step == 5 and not taker_ids.exists():
+            taker = RunLease(storage.location(runs), "taken", stale_after=1.0)  # the driver's record is older
+            taker.acquire()
+            taker_ids.write_text(f"{taker.name}\n{ray.get_runtime_context().get_node_id()}")
+            time.sleep(1.0)  # rank 0's poll sees it before the ranks agree on step 5
+
+    # No beat during the test (the first is 60 s away): the taker's only evidence is the record's age.
+    with RunLease(storage.location(runs), "taken", heartbeat_every=60.0) as lease:
+        with pytest.raises(LeaseLost) as lost:
+            ray_runner.run(plan(cfg, lease=lease.token), train_fn=traced_worker(tmp_path, each_step=take_the_lease_at_step_5))
+    taker_name, taker_node = taker_ids.read_text().split("\n")
+    assert taker_node in cluster.nodes
+    assert 5 <= lost.value.step < 8, lost.value.step
+    checkpoints = storage.location(storage.join(runs, "taken/checkpoints"))
+    assert [n for n in checkpoints.list() if n.startswith("step-")] == ["step-00000004"]
+    assert checkpoints.read_text("LATEST").strip() == "step-00000004"
+    # Only the taker's record is left: the driver's release found the lease someone else's.
+    assert storage.location(runs).list("taken.lease") == [taker_name.rpartition("/")[2]]
+
+
 def kill_my_node() -> None:
     """What a crashed or reclaimed-without-notice node looks like: SIGKILL to its raylet (this
     worker's parent) and to this worker."""
