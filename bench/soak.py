@@ -73,7 +73,7 @@ def recording_worker(trace: Path):
 
             TorchBackend.train_step = train_step
             try:
-                train_loop_per_worker(loop_config)
+                return train_loop_per_worker(loop_config)
             finally:
                 TorchBackend.train_step = original
 

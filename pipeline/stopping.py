@@ -159,7 +159,7 @@ class RankStop:
         return max(self._polled, self.requested())
 
     def reason(self) -> str:
-        return "; ".join(self._reasons) or "a stop request"
+        return "; ".join(self._reasons) or "agreed with the other ranks (rank 0 watches the STOP file and the lease)"
 
     def poll_once(self) -> None:
         for poll in self.polls:

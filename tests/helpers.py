@@ -83,12 +83,11 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
             ShardedImages.gather = gather
             try:
-                train_loop_per_worker(loop_config)
+                return train_loop_per_worker(loop_config)
             finally:
                 ShardedImages.gather = original_gather
                 if seen:
                     np.save(trace_dir / f"rank{rank}-pid{os.getpid()}.npy", np.stack(seen))
-            return
 
         from pipeline.backends.torch_backend import TorchBackend
 
@@ -109,9 +108,10 @@ def traced_worker(trace_dir: Path, kill_rank: int = -1, kill_at_step: int = 0, s
 
         ShardedImages.gather, TorchBackend.train_step = gather, train_step
         try:
-            train_loop_per_worker(loop_config)
+            outcome = train_loop_per_worker(loop_config)  # rank 0's reaches the driver
             if after is not None:
                 after(rank, loop_config)
+            return outcome
         finally:
             ShardedImages.gather, TorchBackend.train_step = original_gather, original_step
             if seen:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ RAY_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1", "RAY_TRAIN_WORKER_GROUP_
 # A node that stops answering is declared dead after 3 missed checks a second apart (Ray's
 # defaults: 5 checks, 3 s apart), so a lost node costs the tests seconds, not half a minute.
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# As in test_storage's store faults: a stalled transfer fails after 1 s, each request is tried twice.
+FAULT_BOUNDS = {"DCGAN_STORAGE_TIMEOUT_S": "1", "DCGAN_STORAGE_ATTEMPTS": "2"}
+FAULT_DEADLINE_S = 60
 
 
 @dataclass
@@ -353,6 +357,47 @@ def test_a_ray_run_whose_lease_another_job_takes_ends_without_writing(cluster, t
     assert checkpoints.read_text("LATEST").strip() == "step-00000004"
     # Only the taker's record is left: the driver's release found the lease someone else's.
     assert storage.location(runs).list("taken.lease") == [taker_name.rpartition("/")[2]]
+
+
+def test_a_store_that_freezes_under_a_ray_run_ends_it_within_a_bound_and_the_rerun_resumes(cluster, tmp_path: Path, monkeypatch):
+    """The store stops answering (SIGSTOP of the S3 server) while two workers on two nodes
+    train, after the step-4 checkpoint: the run ends within FAULT_DEADLINE_S, naming the store
+    and the operation, and no process waits on the store for ever (Ray Train's own requests
+    included). Once the store answers again, step 4 verifies and a rerun starts from it."""
+    from pipeline.checkpoint import CheckpointManager
+
+    for name, value in FAULT_BOUNDS.items():
+        monkeypatch.setenv(name, value)  # the driver's requests
+    endpoint = cluster.s3_base.partition("endpoint_override=")[2].partition("&")[0]
+    server = int(subprocess.check_output(["pgrep", "-f", f"moto_server -H 127.0.0.1 -p {endpoint.rpartition(':')[2]}"]).split()[0])
+    cfg = small_config(
+        tmp_path, run={"name": "frozen"}, runtime={"runner": "ray", "storage_path": cluster.s3_base},
+        train={"steps": 100_000, "global_batch_size": 16, "max_failures": 0},
+        checkpoint={"every": 4, "keep": 2, "stop_poll_seconds": 1}, logging={"every": 4, "samples_every": 1000},
+        scaling={"num_workers": 2, "cpus_per_worker": 1},
+    )  # fmt: skip
+    frozen_at = tmp_path / "frozen-at"
+
+    def bounded_as_the_driver(rank: int, loop_config: dict) -> None:
+        os.environ.update(FAULT_BOUNDS)  # as the nodes' environment would set them
+
+    def freeze_the_store_at_step_6(rank: int, step: int) -> None:
+        if rank == 0 and step == 6 and not frozen_at.exists():
+            frozen_at.write_text(str(time.time()))
+            os.kill(server, signal.SIGSTOP)
+
+    try:
+        with pytest.raises(ray_runner.RunFailed) as failed:
+            ray_runner.run(plan(cfg), train_fn=traced_worker(tmp_path, before=bounded_as_the_driver, each_step=freeze_the_store_at_step_6))
+        took = time.time() - float(frozen_at.read_text())
+    finally:
+        os.kill(server, signal.SIGCONT)
+    print(f"a frozen store ended the Ray run {took:.1f} s after it froze")
+    assert f"object store s3://dcgan-test at {endpoint}:" in str(failed.value), str(failed.value)
+    assert took < FAULT_DEADLINE_S, took
+    latest = CheckpointManager(storage.join(cfg.run_address, "checkpoints"), keep=2).latest()
+    assert latest is not None and latest.step == 4
+    assert plan(cfg).start == latest.address  # the rerun resumes there
 
 
 def kill_my_node() -> None:

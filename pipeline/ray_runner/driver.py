@@ -152,11 +152,11 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         remove_probes(probes)
-        # Pointers of this fit only (the run's lease keeps other jobs out): a resubmit never reads them.
-        run_dir.delete(RAY_DIR)
+        _remove_fit_pointers(run_dir)
     metrics = dict(result.metrics or {})
-    if metrics.get(LEASE_LOST):
-        raise LeaseLost(int(metrics.get("step", 0)), "the run's lease was lost while its workers trained")
+    lost = _lease_lost(result, metrics)
+    if lost is not None:
+        raise lost
     _check_best(job, best_reported(result))
     if run_dir.exists(STOP_FILE):
         run_dir.delete(STOP_FILE)
@@ -164,6 +164,29 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
         if step < job.total_steps:  # a stop that came with the last step finds the run finished
             raise Preempted(step, storage.join(job.run_address, f"checkpoints/{step_dir_name(step)}"))
     return job.result(metrics)
+
+
+def _remove_fit_pointers(run_dir: storage.Location) -> None:
+    """Ray's pointers of this fit (the run's lease keeps other jobs out): a resubmit never reads
+    them. Left behind they cost nothing, and a failure here must not hide how the fit ended
+    (a store that failed mid-run fails this too)."""
+    try:
+        run_dir.delete(RAY_DIR)
+    except OSError as err:
+        log.warning("could not remove Ray's checkpoint pointers in %s: %s", storage.redacted(str(run_dir)), err)
+
+
+def _lease_lost(result, metrics: dict[str, Any]) -> Optional[LeaseLost]:
+    """Whether the ranks stopped without writing. Train V2's Result.metrics are those of the
+    newest checkpoint, which a stop without writing never makes: rank 0's return value says it.
+    Train V1 (Horovod) has no return value, and its metrics are the last report's."""
+    outcome = getattr(result, "return_value", None)
+    if isinstance(outcome, dict) and LEASE_LOST in outcome:
+        step, reason = outcome[LEASE_LOST]
+        return LeaseLost(int(step), reason)
+    if metrics.get(LEASE_LOST):
+        return LeaseLost(int(metrics.get("step", 0)), "the run's lease was lost while its workers trained")
+    return None
 
 
 def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
@@ -208,11 +231,22 @@ def build_trainer(job: Job, probes: list[Probe], fit_name: str, train_fn: Callab
         ),
         run_config=RunConfig(
             name=fit_name,
-            storage_path=storage.join(job.run_address, RAY_DIR),
+            **ray_storage(job),
             checkpoint_config=checkpoint_config(cfg),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
+
+
+def ray_storage(job: Job) -> dict[str, Any]:
+    """Ray Train's experiment directory, <run>/.ray. In object storage through the run's own
+    filesystem, whose requests are bounded (pipeline.storage): with Ray's defaults, its own
+    requests to a frozen store (its checkpoint pointers, its controller's state) took 105 s to
+    give up where ours take seconds."""
+    location = storage.location(job.run_address).child(RAY_DIR)
+    if location.is_local:
+        return {"storage_path": str(location)}
+    return {"storage_path": location.root, "storage_filesystem": location.fs}
 
 
 def elastic_scaling(cfg: Config) -> dict:
@@ -248,15 +282,27 @@ def _explain(err: Exception, job: Job) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     causes = [f"rank {rank}: {_root_message(cause)}" for rank, cause in sorted(failures.items())]
     text = "; ".join(causes) or _root_message(err)
+    if not causes and isinstance(_root(err), OSError) and storage.is_uri(job.run_address):
+        # Ray Train's own request to the run's store (its checkpoint pointers, its state) failed.
+        text = f"object store {storage.location(job.run_address).store}: Ray Train's request failed: {text}"
     hint = ""
     if cfg.train.max_failures == 0 and any(_is_lost_worker(c) for c in failures.values()):
         hint = " (train.max_failures=0: set it above 0 to restart the workers from the last checkpoint)"
     return f"training on Ray failed after {cfg.train.max_failures} allowed restart(s): {text}{hint}"
 
 
+def _root(err: BaseException) -> BaseException:
+    """The innermost cause: through Python's chain and Ray Train's wrappers (a worker's
+    `cause`, the controller's `controller_failure`)."""
+    while True:
+        inner = getattr(err, "cause", None) or getattr(err, "controller_failure", None) or err.__cause__
+        if inner is None or inner is err:
+            return err
+        err = inner
+
+
 def _root_message(err: BaseException) -> str:
-    while getattr(err, "cause", None) is not None or err.__cause__ is not None:
-        err = getattr(err, "cause", None) or err.__cause__
+    err = _root(err)
     lines = str(err).strip().splitlines()
     return lines[-1] if lines else type(err).__name__
 

@@ -33,8 +33,10 @@ POINTER_FILE = "pointer.json"
 LEASE_LOST = "lease_lost"  # reported by every rank that stopped without writing (a metric of 1)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The function Ray Train runs on every worker."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The function Ray Train runs on every worker. What rank 0 returns reaches the driver
+    (Train V2's `Result.return_value`): {LEASE_LOST: [step, reason]} when the ranks stopped
+    without writing, else None."""
     # Our progress lines at INFO; Ray's own loggers keep their levels.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -50,13 +52,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     except LeaseLost as lost:
         import ray.train
 
-        # Every rank agreed on it at the same step: the driver learns it from this report, and
-        # a retry (max_failures) would only find the run another job's.
+        # Every rank agreed on it at the same step, so the workers end normally: a retry
+        # (max_failures) would only find the run another job's. The driver learns it from rank
+        # 0's return value; Train V1 (Horovod) has none and keeps the last report's metrics.
         ray.train.report({"step": lost.step, LEASE_LOST: 1.0}, checkpoint=None)
         log.error("%s", lost)
+        return {LEASE_LOST: [lost.step, lost.reason]}
     except Preempted:
         if run_dir.exists(STOP_FILE):
-            return  # the driver asked: the run ends here (a retry would only stop again)
+            return None  # the driver asked: the run ends here (a retry would only stop again)
         raise  # this worker or its node is going away: Ray restarts the group from the checkpoint
 
 
