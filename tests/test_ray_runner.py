@@ -192,8 +192,8 @@ def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_nam
     def hide_the_share(rank: int, loop_config: dict) -> None:
         # What a node without the shared mount sees: not the file the driver has just written.
         if rank == 1:
-            for address, name in loop_config["probes"]:
-                (Path(address) / name).unlink(missing_ok=True)
+            for probe in loop_config["probes"]:
+                (Path(probe.address) / probe.name).unlink(missing_ok=True)
 
     cfg = ray_config(tmp_path, "unshared")
     with pytest.raises(ray_runner.RunFailed) as failed:
