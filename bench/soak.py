@@ -7,9 +7,11 @@ reclaim without notice) or drained with a deadline (a reclaim with notice), alte
 node joins `--back-after` seconds later. Rank 0 records the time, step and world size of every
 step it trains, so each event is measured from the run itself:
 
-- steps lost: steps trained again after it (the last step trained before it, less the step
+- steps lost: steps trained again after it (the last step the attempt trained, less the step
   the next attempt resumed from);
-- seconds to recover: from the event to the first step of the next attempt;
+- seconds to recover: from the event to the first step of the next attempt (a drained node
+  trains on until its deadline), and seconds without training: from the last step of the
+  attempt to the first of the next;
 - the world size before and after, and again when the run grows back.
 
 At the end: the run reached `train.steps`, every checkpoint left verifies against its
@@ -42,6 +44,7 @@ from pipeline.job import plan  # noqa: E402
 
 NODES = 3
 DRAIN_DEADLINE_S = 20
+RESTART_GAP_S = 5.0  # no step for this long: the group was restarted
 
 
 def soak_config(runs: Path, steps: int) -> config.Config:
@@ -122,17 +125,21 @@ class Chaos(threading.Thread):
 
 
 def measure(events: list[dict], trace: list[tuple[float, int, int]]) -> list[dict]:
+    """Each event's cost, read from rank 0's trace: the next attempt starts where the step goes
+    back, the world size changes or training paused (a restart takes seconds; a step, less)."""
     for event in events:
-        before = [t for t in trace if t[0] < event["time"]]
-        after = [t for t in trace if t[0] >= event["time"]]
-        # The next attempt starts where the world size changes or the step goes back.
-        restart = next((i for i in range(1, len(after)) if after[i][1] <= after[i - 1][1] or after[i][2] != after[i - 1][2]), None)
-        if not before or restart is None:
+        since = next((i for i, t in enumerate(trace) if t[0] >= event["time"]), None)
+        if since is None:
             continue
-        first = after[restart]
-        event["world_before"], event["world_after"] = before[-1][2], first[2]
-        event["steps_lost"] = max(0, before[-1][1] - (first[1] - 1))
-        event["seconds_to_recover"] = round(first[0] - event["time"], 1)
+        restart = next((i for i in range(max(since, 1), len(trace)) if trace[i][1] <= trace[i - 1][1]
+                        or trace[i][2] != trace[i - 1][2] or trace[i][0] - trace[i - 1][0] > RESTART_GAP_S), None)  # fmt: skip
+        if restart is None:
+            continue
+        last, first = trace[restart - 1], trace[restart]
+        event["world_before"], event["world_after"] = last[2], first[2]
+        event["steps_lost"] = max(0, last[1] - (first[1] - 1))  # trained, then trained again
+        event["seconds_to_recover"] = round(first[0] - event["time"], 1)  # a drain trains until its deadline
+        event["seconds_without_training"] = round(first[0] - last[0], 1)
         if "back_time" in event:
             grown = next((t for t in trace if t[0] >= event["back_time"] and t[2] > first[2]), None)
             event["seconds_to_grow_back"] = round(grown[0] - event["back_time"], 1) if grown else None
