@@ -129,8 +129,8 @@ def _job_env(trainer: RayTrainer) -> dict[str, str]:
 
 
 def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
-    """Run `job` on every rank; returns its result (the last reported metrics, or the dry-run
-    report). `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker).
+    """Run `job` on every rank; returns its result (the metrics reported with the newest
+    checkpoint, or the dry-run report). `train_fn` replaces the per-worker function (tests wrap it to observe or kill a worker).
 
     A SIGTERM to this driver (`ray job stop`) asks the ranks to stop: they agree on a step,
     checkpoint there and return, and this raises Preempted."""
