@@ -17,7 +17,7 @@ step it trains, so each event is measured from the run itself:
 At the end: the run reached `train.steps`, every checkpoint left verifies against its
 manifest, and a PNG of step and world size over time is written beside the JSON report.
 
-    .venv/bin/python bench/soak.py [--minutes 20] [--every 180] [--back-after 60] [--out runs/bench/soak.json]
+    .venv/bin/python bench/soak.py [--minutes 20] [--every 180] [--back-after 60] [--group-start-timeout S] [--out runs/bench/soak.json]
 """
 
 from __future__ import annotations
@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=180, help="seconds between node losses")
     parser.add_argument("--back-after", type=float, default=60, help="seconds until a new node joins")
     parser.add_argument("--steps-per-minute", type=int, default=400, help="sets train.steps to last about --minutes")
+    parser.add_argument("--group-start-timeout", type=float, default=None,
+                        help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S on every node (Ray's default, 60 s, when unset): how "
+                             "long a restart waits for workers sized before a lost node was known dead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench/soak.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -183,12 +186,15 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    ray_env = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+    if args.group_start_timeout is not None:
+        ray_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(args.group_start_timeout)
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # every node on 127.0.0.1
     # No exit hooks per node: they install a SIGTERM handler, which only the main thread may, and
     # the chaos thread adds nodes. The cluster is shut down below.
     cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1",
-        "env_vars": {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"},
+        "env_vars": ray_env,
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     })  # fmt: skip
     joined = [0]
@@ -197,7 +203,7 @@ def main() -> None:
         joined[0] += 1
         cache = work / f"cache-{joined[0]}"
         node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1",
-                                env_vars={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1", "DCGAN_CACHE_DIR": str(cache)})  # fmt: skip
+                                env_vars={**ray_env, "DCGAN_CACHE_DIR": str(cache)})  # fmt: skip
         return node.node_id
 
     for _ in range(NODES):
@@ -228,6 +234,7 @@ def main() -> None:
         except Exception as err:  # reported, not raised: the report says which failed
             verified[checkpoint.name] = f"{type(err).__name__}: {err}"
     result = {
+        "group_start_timeout_s": args.group_start_timeout,
         "minutes": round((time.time() - started) / 60, 1),
         "train_steps": cfg.train.steps,
         "reached_step": metrics.get("step"),
