@@ -113,6 +113,10 @@ def test_the_run_config_comes_from_configs_and_matches_the_manifest(rendered):
     assert group["replicas"] == cfg.scaling.max_workers
     # An elastic range needs pods to come and go as Ray asks: KubeRay's autoscaler.
     assert cluster.get("enableInTreeAutoscaling", False) == cfg.scaling.elastic == (overlay == "elastic")
+    # ... and a restart that waits little for workers sized before a node was lost (bench/soak.py).
+    env = yaml.safe_load(_one(docs, "RayJob")["spec"]["runtimeEnvYAML"])["env_vars"]
+    if cfg.scaling.elastic:
+        assert int(env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) <= 20
     assert cfg.runtime.runner == "ray" and str(cfg.runtime.storage_path).startswith("/data/")
     assert str(cfg.data.resolved_prepared_dir()).startswith("/data/")
     assert cfg.scaling.use_gpu == (overlay in GPU_OVERLAYS)
