@@ -27,6 +27,7 @@ from tests.helpers import checkpoint_tensors, local_ray, read_scalars, s3_server
 ray = pytest.importorskip("ray")
 from pipeline import ray_runner  # noqa: E402  (after the skip: needs ray)
 from pipeline.ray_runner import driver  # noqa: E402
+from pipeline.ray_runner.probes import Probe  # noqa: E402
 from pipeline.stopping import STOP_FILE  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -192,7 +193,7 @@ def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_nam
     def hide_the_share(rank: int, loop_config: dict) -> None:
         # What a node without the shared mount sees: not the file the driver has just written.
         if rank == 1:
-            for probe in loop_config["probes"]:
+            for probe in map(Probe._make, loop_config["probes"]):
                 (Path(probe.address) / probe.name).unlink(missing_ok=True)
 
     cfg = ray_config(tmp_path, "unshared")

@@ -24,7 +24,7 @@ from pipeline.checkpoint import CheckpointInfo
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.job import Job
-from pipeline.ray_runner.probes import check_probes
+from pipeline.ray_runner.probes import Probe, check_probes
 from pipeline.stopping import STOP_FILE, LeaseLost, Preempted, Stop
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, Any
     logging.getLogger("pipeline").setLevel(logging.INFO)
     job = Job(**loop_config["job"])
     ctx = rank_context(job.cfg)
-    check_probes(loop_config["probes"], f"rank{ctx.rank}")
+    # Train V1 (Horovod) hands the config through Ray Tune, which turns each Probe into a tuple.
+    check_probes([Probe(*probe) for probe in loop_config["probes"]], f"rank{ctx.rank}")
     _catch_sigterm()
     run_dir = storage.location(job.run_address)
     try:
