@@ -138,7 +138,10 @@ def test_a_drained_node_costs_a_checkpoint_not_the_run(cluster, tmp_path: Path):
         if drained.exists() and not (traces / "restarted").exists():
             time.sleep(0.25)  # the first attempt outlasts the deadline (~30 steps), well before step 60
             if rank == 0:
-                (traces / "first-attempt-reached").write_text(str(step))
+                # Replaced whole: Ray ends this process at the deadline, maybe mid-write.
+                reached = traces / f"first-attempt-reached.{os.getpid()}"
+                reached.write_text(str(step))
+                os.replace(reached, traces / "first-attempt-reached")
 
     def restarted(rank: int, loop_config: dict) -> None:
         where_am_i(rank, loop_config)
