@@ -6,8 +6,13 @@
             ...                 whatever the backend and the loop wrote
         step-00001200.tmp/      in progress (or left by a crash): never read
         LATEST                  name of the newest complete checkpoint, replaced whole
-        BEST                    name of the checkpoint with the lowest eval/fid (when evaluated);
-                                retention never deletes it
+            scores.json         its eval/* scores and their provenance card, when it was scored
+                                after it was written (Ray's asynchronous evaluation); scored
+                                before, they are in the manifest
+        BEST                    name of the best checkpoint by eval/fid (when evaluated): the
+                                first scored, then each that beats it by more than the noise on
+                                the same provenance card; retention never deletes it, nor a
+                                checkpoint whose evaluation is pending
         abandoned-<time>/       steps set aside by an explicit resume of an older step
 
 On a filesystem a save writes into `step-N.tmp/`, fsyncs, writes the manifest, renames the
@@ -47,8 +52,23 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 BEST = "BEST"
+SCORES = "scores.json"
+PENDING = "pending"  # a manifest's "evaluation" while its scores are still to come
 FORMAT = "dcgan-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class Score:
+    """What BEST ranks by: eval/fid, its noise (eval/fid_std; 0 = not measured) and the key of
+    its provenance card (only scores with equal keys are compared)."""
+
+    value: float
+    std: float = 0.0
+    card_key: Optional[str] = None
+
+    def record(self) -> dict[str, Any]:
+        return {"score": self.value if math.isfinite(self.value) else None, "score_std": self.std, "card_key": self.card_key}
 
 
 class CheckpointError(RuntimeError):
@@ -197,34 +217,97 @@ def fetch(address: PathOrUri) -> CheckpointInfo:
 class CheckpointManager:
     """Writes, retains and discovers the checkpoints of one run, on a filesystem or by URI."""
 
-    def __init__(self, directory: Union[PathOrUri, Location], keep: Optional[int], job: Optional[str] = None):
+    def __init__(
+        self,
+        directory: Union[PathOrUri, Location],
+        keep: Optional[int],
+        job: Optional[str] = None,
+        best_margin: float = 0.0,
+    ):
         """keep=None: never delete complete checkpoints. `job`: recorded in every manifest this
-        manager writes, so a job can tell its own checkpoints from older ones."""
+        manager writes, so a job can tell its own checkpoints from older ones. `best_margin`:
+        how many standard deviations of the difference (eval.best_margin) a score must beat
+        BEST's by to take its place."""
         assert keep is None or keep >= 2, "keep >= 2 is enforced by the config"
         self.location = directory if isinstance(directory, Location) else storage.location(directory)
-        self.keep, self.job = keep, job
+        self.keep, self.job, self.best_margin = keep, job, best_margin
 
     @property
     def directory(self) -> str:
         return str(self.location)
 
     def save(
-        self, step: int, write_files: Callable[[Path], None], metadata: dict[str, Any], score: Optional[float] = None
+        self,
+        step: int,
+        write_files: Callable[[Path], None],
+        metadata: dict[str, Any],
+        score: Union[None, float, Score] = None,
+        evaluation_pending: bool = False,
     ) -> CheckpointInfo:
         """`write_files(tmp_dir)` writes the payload; the protocol above does the rest. `score`
         (lower is better, e.g. FID; NaN = not measured) makes it BEST when it beats the current
-        best, the rule Ray Train's CheckpointConfig(checkpoint_score_order="min") applies."""
+        best (`becomes_best`). `evaluation_pending`: its scores come later (`record_scores`),
+        and retention keeps it until they have."""
         name = step_dir_name(step)
         metadata = {**metadata, "job": self.job} if self.job else metadata
+        score = Score(score) if isinstance(score, (int, float)) else score
         if score is not None:
-            metadata["score"] = score if math.isfinite(score) else None
+            metadata.update(score.record())
+        if evaluation_pending:
+            metadata["evaluation"] = PENDING
         local = publish_checkpoint(self.location, name, step, write_files, metadata)
         info = CheckpointInfo(local, _read_manifest(local), "" if self.location.is_local else str(self.location.child(name)))
         self.location.write_text(LATEST, name + "\n")
-        if score is not None and math.isfinite(score) and score < self.best_score():
+        if score is not None and self.becomes_best(score):
             self.location.write_text(BEST, name + "\n")
         self._prune()
         return info
+
+    def record_scores(self, name: str, score: Score, scores: dict[str, float], card: dict[str, Any]) -> bool:
+        """The scores of a checkpoint evaluated after it was written, beside its manifest
+        (rewriting the manifest would make every node's copy of it stale). Returns whether it
+        became BEST. BEST is written first: until scores.json exists the checkpoint counts as
+        pending, so retention cannot delete it in between."""
+        best = self.becomes_best(score)
+        if best:
+            self.location.write_text(BEST, name + "\n")
+        self.location.write_text(f"{name}/{SCORES}", json.dumps({"scores": scores, "card": card, **score.record()}))
+        self._prune()
+        return best
+
+    def record_failure(self, name: str, error: str) -> None:
+        """An evaluation that failed: the checkpoint stays unscored, and retention may delete it."""
+        self.location.write_text(f"{name}/{SCORES}", json.dumps({"error": error, "score": None}))
+
+    def scores(self, name: str) -> Optional[dict[str, Any]]:
+        """A checkpoint's ranking record (score, score_std, card_key; scores and card when
+        known), from scores.json or its manifest; None when it has none or is unreadable."""
+        for file in (SCORES, MANIFEST):
+            try:
+                record = json.loads(self.location.read_text(f"{name}/{file}"))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                return None
+            return record if isinstance(record, dict) and "score" in record else None
+        return None
+
+    def becomes_best(self, score: Score) -> bool:
+        """Whether `score` takes BEST's place: it is finite, and BEST has no score, or one on
+        another provenance card (a new ranking starts, as the log says), or it is beaten by
+        more than `best_margin` standard deviations of the difference."""
+        if not math.isfinite(score.value):
+            return False
+        best = self.best_name()
+        record = self.scores(best) if best else None
+        if record is None or record.get("score") is None:
+            return True
+        if record.get("card_key") != score.card_key:
+            log.warning("%s: scored on another provenance card (%s) than BEST %s (%s): a new ranking starts",
+                        self.location, score.card_key, best, record.get("card_key"))  # fmt: skip
+            return True
+        margin = self.best_margin * math.hypot(score.std, float(record.get("score_std") or 0.0))
+        return score.value < float(record["score"]) - margin
 
     def best_name(self) -> Optional[str]:
         return self._pointer(BEST)
@@ -238,12 +321,13 @@ class CheckpointManager:
         return name if _STEP_DIR.match(name) else None
 
     def best_score(self) -> float:
-        """The score the BEST checkpoint's manifest records; infinity when there is none."""
+        """The score the BEST checkpoint records; infinity when there is none."""
         name = self.best_name()
+        record = self.scores(name) if name else None
         try:
-            return float(json.loads(self.location.read_text(f"{name}/{MANIFEST}"))["score"]) if name else math.inf
-        except (OSError, ValueError, KeyError, TypeError):
-            return math.inf  # gone or unreadable: the next scored checkpoint takes its place
+            return float(record["score"]) if record else math.inf
+        except (TypeError, ValueError):
+            return math.inf  # unreadable: the next scored checkpoint takes its place
 
     def complete_steps(self) -> list[str]:
         """Names of step directories with a manifest, newest first (checksums not yet verified)."""
@@ -257,13 +341,20 @@ class CheckpointManager:
         complete = self.complete_steps()
         best = self.best_name()
         for old in complete[self.keep :] if self.keep is not None else []:
-            if old != best:
+            if old != best and not self._evaluation_pending(old):
                 self.location.delete(old)
         for name in self.location.list():
             if name.startswith("step-") and name.endswith(".tmp"):
                 self.location.delete(name)  # left by a crash mid-save
             elif not self.location.is_local and _STEP_DIR.match(name) and name not in complete:
                 self.location.delete(name)  # an upload cut short: no manifest, never read
+
+    def _evaluation_pending(self, name: str) -> bool:
+        try:
+            manifest = json.loads(self.location.read_text(f"{name}/{MANIFEST}"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(manifest, dict) and manifest.get("evaluation") == PENDING and not self.location.exists(f"{name}/{SCORES}")
 
     def latest_name(self) -> Optional[str]:
         return self._pointer(LATEST)

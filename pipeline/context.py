@@ -19,6 +19,9 @@ class RankContext:
     # Under Ray, the device Ray reserved for this worker: "cuda:1", or "cpu" when it reserved
     # none. None without Ray: runtime.device decides.
     device: Optional[str] = None
+    # Under Ray Train V2 each evaluation step's checkpoint is scored apart from the ranks, as
+    # Ray's checkpoint validation (pipeline.ray_runner.validation): the chief never evaluates.
+    evaluates_apart: bool = False
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, (self.rank, self.world_size)

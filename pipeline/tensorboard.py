@@ -31,8 +31,14 @@ TAG_EVAL_FID = "eval/fid"
 TAG_EVAL_KID = "eval/kid"
 TAG_EVAL_COVERAGE = "eval/coverage"
 TAG_EVAL_CLASS_KL = "eval/class_kl"
-TAG_EVAL_FID_WITHOUT_EMA = "eval/fid_without_ema"
-EVAL_TAGS = (TAG_EVAL_FID, TAG_EVAL_KID, TAG_EVAL_COVERAGE, TAG_EVAL_CLASS_KL)
+TAG_EVAL_FID_WITHOUT_EMA = "eval/fid_without_ema"  # with eval.score_raw_generator
+# The noise of the two distances: FID's std over bootstrap resamples of the generated features
+# (eval.bootstrap), KID's over its subsets.
+TAG_EVAL_FID_STD = "eval/fid_std"
+TAG_EVAL_KID_STD = "eval/kid_std"
+EVAL_TAGS = (TAG_EVAL_FID, TAG_EVAL_FID_STD, TAG_EVAL_KID, TAG_EVAL_KID_STD, TAG_EVAL_COVERAGE, TAG_EVAL_CLASS_KL)
+# Each evaluation's provenance card (pipeline.quality.evaluator), as text at its step.
+TAG_EVAL_CARD = "eval/card"
 
 
 class NullWriter:
@@ -42,6 +48,9 @@ class NullWriter:
         pass
 
     def image(self, tag: str, step: int, image_hwc: np.ndarray) -> None:
+        pass
+
+    def text(self, tag: str, step: int, text: str) -> None:
         pass
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
@@ -77,6 +86,9 @@ class EventWriter(NullWriter):
         if self.samples_dir is not None:
             save_png(image_hwc, self.samples_dir / f"step-{step:08d}.png")
 
+    def text(self, tag: str, step: int, text: str) -> None:
+        self._writer.add_text(tag, text, step)
+
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Into this run's own event file (add_hparams would open a second run directory)."""
         from tensorboardX.summary import hparams as hparams_summary
@@ -110,9 +122,20 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+EVAL_RUN = "eval"  # <run>/tb/eval: TensorBoard's run of the eval/* scores
+
+
 def open_writer(run_dir: Path, is_chief: bool, purge_step: Optional[int] = None) -> NullWriter:
     """<run>/tb for events and <run>/samples for PNG grids, on the chief only."""
     return EventWriter(run_dir / "tb", run_dir / "samples", purge_step) if is_chief else NullWriter()
+
+
+def open_eval_writer(run_dir: Path, purge_step: Optional[int] = None) -> EventWriter:
+    """<run>/tb/eval: the scores of evaluations, a TensorBoard run of their own beside the
+    training's (as Keras writes train/ and validation/), whether the chief scores in-line or a
+    task apart scores later: TensorBoard follows only the newest event file of a directory, so
+    a second writer in <run>/tb would hide the training's live curves."""
+    return EventWriter(run_dir / "tb" / EVAL_RUN, None, purge_step)
 
 
 def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ EXCLUDED = {
     "data.channels": "a shape, as data.image_size",
     "data.download": "torchvision's download needs the network",
     "eval.extractor": "what evaluation measures: tests/quality",
+    "eval.score_raw_generator": "what evaluation measures, as eval.extractor",
     "scaling.use_gpu": "reserves GPUs, which this machine has not (bench/gpu_check.sh)",
     "runtime.device": "cuda needs a GPU and auto is the CPU here (bench/gpu_check.sh covers cuda)",
 }

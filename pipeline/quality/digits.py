@@ -106,14 +106,15 @@ def train(images: np.ndarray, labels: np.ndarray, epochs: int = EPOCHS) -> tuple
     return model, accuracy
 
 
-def load_or_train() -> DigitsClassifier:
-    """The classifier from this node's cache (DCGAN_CACHE_DIR, else ~/.cache/dcgan), trained
-    and written there on first use (about 20 s on one core)."""
-    from safetensors.torch import load_file, save_file
+def load_or_train() -> Path:
+    """This node's cached classifier (DCGAN_CACHE_DIR, else ~/.cache/dcgan), trained and
+    written there on first use (about 20 s on one core)."""
+    from safetensors.torch import save_file
 
     from pipeline.durable import node_lock
+    from pipeline.storage import cache_root
 
-    path = weights_path()
+    path = cache_root() / "eval" / WEIGHTS_FILE
     with node_lock(path.with_name(path.name + ".lock")):
         if not path.is_file():
             model, accuracy = train(*labelled_digits())
@@ -122,12 +123,37 @@ def load_or_train() -> DigitsClassifier:
             staging = path.with_name(path.name + ".tmp")
             save_file(model.state_dict(), str(staging), metadata={"accuracy": json.dumps(accuracy), "seed": str(SEED)})
             staging.replace(path)
+    return path
+
+
+def reference_weights(prepared_address: str, local_prepared: Path) -> Path:
+    """The classifier stored beside the prepared set (`<prepared>/eval/`), so every node and
+    every later evaluation scores with the same network, whatever its own training would give.
+    The first evaluation of a prepared set puts this node's there; a URI's copy is fetched."""
+    from pipeline import storage
+    from pipeline.durable import node_lock
+
+    name = f"eval/{WEIGHTS_FILE}"
+    local = local_prepared / name
+    with node_lock(local_prepared / ".eval-classifier.lock"):
+        if local.is_file():
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.with_name(local.name + ".tmp")
+        if not storage.is_uri(prepared_address):
+            staging.write_bytes(load_or_train().read_bytes())
+        else:
+            remote = storage.location(prepared_address)
+            if not remote.exists(name):
+                remote.upload_file(load_or_train(), name)
+            remote.download_file(name, staging)  # whichever node's copy got there first
+        staging.replace(local)
+    return local
+
+
+def load(path: Path) -> DigitsClassifier:
+    from safetensors.torch import load_file
+
     model = DigitsClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval()
-
-
-def weights_path() -> Path:
-    from pipeline.storage import cache_root
-
-    return cache_root() / "eval" / WEIGHTS_FILE

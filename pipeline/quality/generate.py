@@ -3,7 +3,8 @@
 Run by `dcgan evaluate` as a process of TensorFlow, for every TensorFlow checkpoint asked for, so
 the evaluating process (torch) never imports TensorFlow; torch checkpoints sample in that
 process through `write_samples`. Writes uint8 NHWC arrays: images.npy from the generator that
-samples (the EMA one when kept), images_without_ema.npy from G when there is one.
+samples (the EMA one when kept), images_without_ema.npy from G when there is one and
+eval.score_raw_generator asks for it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def write_samples(checkpoint: Path, num: int, device: str, out: Path) -> None:
     with loaded_checkpoint(str(checkpoint), device) as (backend, cfg, _):
         z = latent_noise(num, cfg.model.nz, EVAL_NOISE_SEED)  # the latents training evaluates with
         np.save(out / SAMPLES, backend.generate(z))
-        if cfg.model.g_ema_decay:
+        if cfg.model.g_ema_decay and cfg.eval.score_raw_generator:
             np.save(out / SAMPLES_WITHOUT_EMA, backend.generate(z, averaged=False))
 
 

@@ -52,6 +52,23 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     return float(metric.compute())
 
 
+def frechet_distance_std(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int = 0) -> float:
+    """The noise of `frechet_distance(real, fake)` from the finite generated set: the std of the
+    FID over `resamples` bootstrap resamples (with replacement) of the generated features. The
+    real statistics are computed once; each resample goes through torchmetrics' own formula
+    (`_compute_fid`, what FrechetInceptionDistance.compute runs)."""
+    from torchmetrics.image.fid import _compute_fid
+
+    real_t, fake_t = _as_double(real), _as_double(fake)
+    mu_real, sigma_real = real_t.mean(dim=0), torch.cov(real_t.T)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        sample = fake_t[torch.randint(0, len(fake_t), (len(fake_t),), generator=generator)]
+        values.append(float(_compute_fid(sample.mean(dim=0), torch.cov(sample.T), mu_real, sigma_real)))
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def kernel_distance(real: np.ndarray, fake: np.ndarray, subset_size: int, seed: int = 0) -> tuple[float, float]:
     """KID (mean, std over subsets) between two (N, D) feature sets; subsets drawn from `seed`."""
     size = min(subset_size, len(real), len(fake))

@@ -32,6 +32,11 @@ def _evaluate(images: np.ndarray) -> dict[str, float]:
     return _evaluator.evaluate(images)
 
 
+def _card(num_generated: int, latent_seed: int, generator: str) -> dict[str, Any]:
+    assert _evaluator is not None, "_start runs first"
+    return _evaluator.card(num_generated, latent_seed, generator)
+
+
 class EvaluatorProcess:
     """Evaluator's interface; the work happens in one spawned child process."""
 
@@ -42,6 +47,9 @@ class EvaluatorProcess:
 
     def evaluate(self, images: np.ndarray) -> dict[str, float]:
         return self.pool.submit(_evaluate, images).result()
+
+    def card(self, num_generated: int, latent_seed: int, generator: str) -> dict[str, Any]:
+        return self.pool.submit(_card, num_generated, latent_seed, generator).result()
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.config import ConfigError, EvalSection, validate
+from pipeline.config import ConfigError, validate
 from pipeline.quality import digits, metrics
 from pipeline.quality.features import make_extractor
 
@@ -18,8 +18,12 @@ def labelled():
 
 
 @pytest.fixture(scope="module")
-def extractor():
-    return make_extractor(EvalSection(), "digits")  # trained once per session into DCGAN_CACHE_DIR
+def extractor(tmp_path_factory):
+    from pipeline.data import ensure_prepared, local_prepared_dir
+
+    cfg = validate({"data": {"source": "digits", "prepared_dir": str(tmp_path_factory.mktemp("digits"))}})
+    ensure_prepared(cfg.data)
+    return make_extractor(cfg, local_prepared_dir(cfg.data))  # trained once per session into DCGAN_CACHE_DIR
 
 
 def with_noise(images: np.ndarray, sigma: float) -> np.ndarray:
@@ -93,6 +97,6 @@ def test_inception_features_need_their_weights_on_disk(tmp_path):
         validate(raw)
     missing = tmp_path / "pt_inception.pth"
     with pytest.raises(ConfigError, match=str(missing)):
-        make_extractor(EvalSection(every=10, inception_weights=missing), "synthetic")
+        make_extractor(validate({**raw, "eval": {"every": 10, "inception_weights": str(missing)}}), tmp_path)
     with pytest.raises(ConfigError, match="eval.extractor='digits'"):
         validate({"data": {"source": "synthetic"}, "eval": {"every": 10, "extractor": "digits"}})

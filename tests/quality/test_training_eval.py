@@ -35,7 +35,7 @@ def eval_config(tmp_path: Path, **sections):
         train={"steps": 20, "global_batch_size": 32, "lr": 2e-2, "channels_last": False},
         checkpoint={"every": 1000, "keep": 2},
         logging={"every": 10, "samples_every": 1000},
-        eval={"every": EVAL_EVERY, "num_samples": 200},
+        eval={"every": EVAL_EVERY, "num_samples": 200, "score_raw_generator": True},
         **sections,
     )
 
@@ -48,10 +48,20 @@ def checkpoint_scores(checkpoints: Path) -> dict[int, float]:
     return scores
 
 
-def check_best_survived(checkpoints: Path, logged_fid: dict[int, float]) -> str:
-    """BEST names the lowest logged FID, from before the degradation; retention (keep 2) kept
-    it beside the newest two. Returns its directory name."""
-    best_step = min(logged_fid, key=logged_fid.get)
+def expected_best(fid: dict[int, float], std: dict[int, float], margin: float = 1.0) -> int:
+    """BEST's rule (eval.best_margin): the first score, then each that beats BEST's by more
+    than `margin` standard deviations of the difference."""
+    best = min(fid)
+    for step in sorted(fid)[1:]:
+        if fid[step] < fid[best] - margin * math.hypot(std[step], std[best]):
+            best = step
+    return best
+
+
+def check_best_survived(checkpoints: Path, logged_fid: dict[int, float], logged_std: dict[int, float]) -> str:
+    """BEST names the checkpoint BEST's rule picks from the logged scores, from before the
+    degradation; retention (keep 2) kept it beside the newest two. Returns its directory name."""
+    best_step = expected_best(logged_fid, logged_std)
     assert best_step <= 20 and logged_fid[STEPS] > logged_fid[best_step], logged_fid  # the run degraded
     best = (checkpoints / "BEST").read_text().strip()
     assert best == f"step-{best_step:08d}", (best, logged_fid)
@@ -68,7 +78,7 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
         done = dcgan("train", "--config", config_file, *args, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
 
-    scalars = read_scalars(cfg.run_dir / "tb")
+    scalars = read_scalars(cfg.run_dir / "tb" / tb.EVAL_RUN)
     steps = list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     for tag in (*tb.EVAL_TAGS, tb.TAG_EVAL_FID_WITHOUT_EMA):
         assert sorted(scalars[tag]) == steps, tag
@@ -77,7 +87,7 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
 
     checkpoints = cfg.run_dir / "checkpoints"
     fid = scalars[tb.TAG_EVAL_FID]
-    best = check_best_survived(checkpoints, fid)
+    best = check_best_survived(checkpoints, fid, scalars[tb.TAG_EVAL_FID_STD])
     # The manifests record what was logged: float32 event values against the exact scores.
     for step, score in checkpoint_scores(checkpoints).items():
         assert score == pytest.approx(fid[step], rel=1e-6)
@@ -90,6 +100,8 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
     assert [r["step"] for r in results] == [int(best[5:]), STEPS]
     for name, result in zip((best, newest), results):
         assert result["framework"] == "torch" and result["generator"] == "ema"
+        manifest = json.loads((checkpoints / name / "manifest.json").read_text())
+        assert result["card"] == manifest["card"] and manifest["card_key"] == manifest["card"]["key"]
         recorded = json.loads((checkpoints / name / "manifest.json").read_text())["scores"]
         for tag, value in recorded.items():
             assert result["metrics"][tag] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, tag)
