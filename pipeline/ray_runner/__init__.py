@@ -5,6 +5,8 @@
 - worker: what each Ray Train worker runs: its rank, its stop requests, its reports.
 - probes: the shared-storage check every worker (and doctor, on every node) makes before the
   first step.
+- validation: each evaluation step's checkpoint scored apart from the ranks, as Ray's
+  checkpoint validation.
 - doctor: `dcgan doctor`, what a cluster run needs, checked before it spends cluster time.
 """
 

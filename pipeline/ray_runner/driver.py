@@ -27,7 +27,9 @@ from pipeline.checkpoint import step_dir_name
 from pipeline.config import Config, ConfigError
 from pipeline.context import available_cpus
 from pipeline.job import Job
+from pipeline.loop import RANKED_FID
 from pipeline.ray_runner.probes import Probe, remove_probes, write_probes
+from pipeline.ray_runner.validation import evaluates_apart, validation_config
 from pipeline.ray_runner.worker import LEASE_LOST, train_loop_per_worker
 from pipeline.stopping import STOP_FILE, LeaseLost, Preempted
 
@@ -90,7 +92,8 @@ def _connect(job: Job) -> None:
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
     # address="local": never the cluster another program started on this machine, which
     # ray.init() would otherwise find through /tmp/ray/ray_current_cluster.
-    wanted = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
+    wanted = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
+                       + (cfg.eval.resources.cpus if evaluates_apart(cfg) else 0))  # fmt: skip
     ray.init(
         address="local",
         num_cpus=max(available_cpus(), wanted),
@@ -198,7 +201,7 @@ def _check_best(job: Job, ray_best: Optional[tuple[int, float]]) -> None:
 
     step, fid = ray_best
     manager = CheckpointManager(storage.join(job.run_address, "checkpoints"), None)
-    if fid < manager.best_score():
+    if manager.best_name() != step_dir_name(step) and fid < manager.best_score():
         log.warning("Ray ranks step %d best (%s %.6g), but the run's BEST is %s (%.6g)",
                     step, tb.TAG_EVAL_FID, fid, manager.best_name(), manager.best_score())  # fmt: skip
     else:
@@ -219,9 +222,11 @@ def build_trainer(job: Job, probes: list[Probe], fit_name: str, train_fn: Callab
     module, name = trainer.path.split(":")
     Trainer = getattr(importlib.import_module(module), name)
 
+    validation = validation_config(cfg)
     return Trainer(
         train_fn,
         train_loop_config={"job": dataclasses.asdict(job), "probes": probes},
+        **({"validation_config": validation} if validation else {}),
         scaling_config=ScalingConfig(
             num_workers=(cfg.scaling.min_workers, cfg.scaling.max_workers) if cfg.scaling.elastic else cfg.scaling.max_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -257,24 +262,22 @@ def elastic_scaling(cfg: Config) -> dict:
 
 def checkpoint_config(cfg: Config):
     """Ray keeps the pointers the way our manager keeps the checkpoints: the newest, and with
-    evaluation the best by eval/fid (lower is better; a checkpoint not evaluated reports NaN,
-    which Ray ranks last). The manager's BEST is the same choice (see best_reported_step)."""
+    evaluation the best by eval/ranked_fid: a checkpoint's FID where it became BEST, NaN
+    elsewhere (which Ray ranks last), so Ray's best is BEST (pipeline.loop, RANKED_FID)."""
     from ray.train import CheckpointConfig
 
     if not cfg.eval.every:
         return CheckpointConfig(num_to_keep=2)
-    return CheckpointConfig(
-        num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=tb.TAG_EVAL_FID, checkpoint_score_order="min"
-    )
+    return CheckpointConfig(num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=RANKED_FID, checkpoint_score_order="min")
 
 
 def best_reported(result) -> Optional[tuple[int, float]]:
-    """(step, eval/fid) of the checkpoint Ray ranks best among those it kept, if any was scored."""
-    scored = [metrics for _, metrics in result.best_checkpoints or [] if math.isfinite(metrics.get(tb.TAG_EVAL_FID, math.nan))]
+    """(step, eval/ranked_fid) of the checkpoint Ray ranks best among those it kept, if any was scored."""
+    scored = [metrics for _, metrics in result.best_checkpoints or [] if math.isfinite(metrics.get(RANKED_FID, math.nan))]
     if not scored:
         return None
-    best = min(scored, key=lambda metrics: metrics[tb.TAG_EVAL_FID])
-    return int(best["step"]), float(best[tb.TAG_EVAL_FID])
+    best = min(scored, key=lambda metrics: metrics[RANKED_FID])
+    return int(best["step"]), float(best[RANKED_FID])
 
 
 def _explain(err: Exception, job: Job) -> str:

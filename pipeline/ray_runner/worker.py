@@ -11,6 +11,7 @@ checkpoint of that fit.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -24,7 +25,10 @@ from pipeline.checkpoint import CheckpointInfo
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.job import Job
+from pipeline.loop import EVAL_REQUESTED
+from pipeline.ray_runner import validation
 from pipeline.ray_runner.probes import Probe, check_probes
+from pipeline.ray_runner.validation import evaluates_apart
 from pipeline.stopping import STOP_FILE, LeaseLost, Preempted, Stop
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, Any
     try:
         # Once more when the backend is up: TensorFlow's coordination service (under
         # MultiWorkerMirroredStrategy) installs a SIGTERM handler of its own as it starts.
-        job.run(ctx, _report, _stop_requested, restored_address(), on_ready=_catch_sigterm)
+        report = functools.partial(_report, job.run_address)
+        job.run(ctx, report, _stop_requested, restored_address(), on_ready=_catch_sigterm)
     except LeaseLost as lost:
         import ray.train
 
@@ -82,7 +87,8 @@ def rank_context(cfg: Config) -> RankContext:
         device = str(ray.train.torch.get_device())
     else:
         device = "cuda"
-    return RankContext(context.get_world_rank(), context.get_local_rank(), context.get_world_size(), device)
+    rank = context.get_world_rank()
+    return RankContext(rank, context.get_local_rank(), context.get_world_size(), device, evaluates_apart(cfg))
 
 
 def restored_address() -> Optional[str]:
@@ -100,17 +106,20 @@ def restored_address() -> Optional[str]:
         return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoint"]
 
 
-def _report(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
-    """Every rank reports (a barrier); rank 0 attaches a pointer to the checkpoint it wrote."""
+def _report(run_address: str, step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:
+    """Every rank reports (a barrier); rank 0 attaches a pointer to the checkpoint it wrote, and
+    asks for its evaluation apart when the loop did (pipeline.ray_runner.validation)."""
     import ray.train
     from ray.train import Checkpoint
 
+    evaluate = metrics.pop(EVAL_REQUESTED, 0.0)
     if saved is None:
         ray.train.report(metrics, checkpoint=None)
         return
+    extra = {"validation": validation.request(saved.address, step, run_address)} if evaluate else {}
     with tempfile.TemporaryDirectory(prefix="dcgan-pointer-") as directory:
         (Path(directory) / POINTER_FILE).write_text(json.dumps({"step": step, "checkpoint": saved.address}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), **extra)
 
 
 # --- stop requests ----------------------------------------------------------------------------
