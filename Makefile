@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the tools Horovod builds with) first, so Horovod's wheel can build while the rest installs.
 TORCH_STAMP := $(VENV)/.installed-torch
 STAMP := $(VENV)/.installed
-EXTRAS := .[torch,eval,export,tf,ray,dev]
+EXTRAS := .[torch,eval,fid,export,tf,ray,dev]
 
 .PHONY: dryrun test test-fast bench gpu-wheels install horovod horovod-wheel clean
 

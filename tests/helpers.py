@@ -170,6 +170,19 @@ def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
+def read_texts(tb_dir: Path) -> dict[str, dict[int, str]]:
+    """{tag: {step: text}} of the text summaries, through TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    texts = {}
+    for tag in accumulator.Tags()["tensors"]:
+        events = accumulator.Tensors(tag)
+        texts[tag.removesuffix("/text_summary")] = {e.step: e.tensor_proto.string_val[0].decode() for e in events}
+    return texts
+
+
 def _s3_user(port: int) -> dict[str, str]:
     """An IAM user allowed every S3 action, then authentication on for every request after."""
     import json

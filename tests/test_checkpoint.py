@@ -650,3 +650,31 @@ def test_the_best_scored_checkpoint_survives_retention(ckdir: Path, tiny_cfg: co
     # An explicit resume of an older step abandons the newer line, and with it its best.
     manager.set_aside_after(60)
     assert manager.best_name() is None and manager.best_score() == float("inf")
+
+
+def test_best_moves_beyond_the_noise_on_its_own_card_and_pending_evaluations_are_kept(ckdir: Path, tiny_cfg: config.Config):
+    """BEST moves only when a score beats it by more than best_margin standard deviations of the
+    difference, on the same provenance card; another card starts a new ranking. A checkpoint
+    whose evaluation is pending outlives retention until its scores (or its failure) are in."""
+    from pipeline.checkpoint import SCORES, Score
+
+    manager = CheckpointManager(ckdir, keep=2, best_margin=1.0)
+    manager.save(10, payload(files_for(10)), metadata(tiny_cfg), score=Score(10.0, 0.3, "card-a"))
+    manager.save(20, payload(files_for(20)), metadata(tiny_cfg), score=Score(9.6, 0.4, "card-a"))  # 0.4 < 0.5
+    assert manager.best_name() == "step-00000010"  # within the noise: BEST stays
+    manager.save(30, payload(files_for(30)), metadata(tiny_cfg), score=Score(9.0, 0.4, "card-a"))  # 1.0 > 0.5
+    assert manager.best_name() == "step-00000030"
+    manager.save(40, payload(files_for(40)), metadata(tiny_cfg), score=Score(12.0, 0.4, "card-b"))
+    assert manager.best_name() == "step-00000040"  # a new card: a worse number, a new ranking
+
+    # Scored after writing (Ray's evaluation apart): kept while pending, then ranked like the rest.
+    manager.save(50, payload(files_for(50)), metadata(tiny_cfg), evaluation_pending=True)
+    manager.save(60, payload(files_for(60)), metadata(tiny_cfg), evaluation_pending=True)
+    manager.save(70, payload(files_for(70)), metadata(tiny_cfg))
+    assert step_dirs(ckdir) == ["step-00000040", "step-00000050", "step-00000060", "step-00000070"]
+    assert manager.record_scores("step-00000050", Score(11.0, 0.3, "card-b"), {"eval/fid": 11.0}, {"key": "card-b"})
+    assert manager.best_name() == "step-00000050" and manager.best_score() == 11.0
+    manager.record_failure("step-00000060", "RuntimeError: the evaluation failed")
+    assert json.loads((ckdir / "step-00000060" / SCORES).read_text())["score"] is None
+    manager.save(80, payload(files_for(80)), metadata(tiny_cfg))
+    assert step_dirs(ckdir) == ["step-00000050", "step-00000070", "step-00000080"]  # BEST and the newest two

@@ -91,12 +91,30 @@ def test_noise_is_not_a_covered_class(extractor):
     assert metrics.mode_coverage(probabilities) <= 0.2
 
 
-def test_inception_features_need_their_weights_on_disk(tmp_path):
+def test_inception_features_need_their_weights_on_disk(tmp_path, monkeypatch):
+    """Without the fid extra (its file is the default) a path is needed, and it must exist."""
+    import pipeline.config
+    import pipeline.quality
+
+    monkeypatch.setattr(pipeline.config, "default_inception_weights", lambda: None)
+    monkeypatch.setattr(pipeline.quality, "default_inception_weights", lambda: None)
     raw = {"data": {"source": "synthetic"}, "eval": {"every": 10}}
-    with pytest.raises(ConfigError, match="eval.inception_weights"):
+    with pytest.raises(ConfigError, match=r"eval.inception_weights .* the `fid` extra"):
         validate(raw)
     missing = tmp_path / "pt_inception.pth"
     with pytest.raises(ConfigError, match=str(missing)):
         make_extractor(validate({**raw, "eval": {"every": 10, "inception_weights": str(missing)}}), tmp_path)
     with pytest.raises(ConfigError, match="eval.extractor='digits'"):
         validate({"data": {"source": "synthetic"}, "eval": {"every": 10, "extractor": "digits"}})
+
+
+def test_the_fid_noise_is_measured_and_reproducible(labelled, extractor):
+    """eval/fid_std on two halves of the real digits: positive, reproducible from its seed, and
+    small against the FID of a visibly worse set."""
+    images, _ = labelled
+    a, _ = extractor.embed(images[0::2])
+    b, _ = extractor.embed(images[1::2])
+    noisy, _ = extractor.embed(with_noise(images[1::2], 48))
+    std = metrics.frechet_distance_std(a, b, resamples=10)
+    assert std > 0 and std == metrics.frechet_distance_std(a, b, resamples=10)
+    assert metrics.frechet_distance(a, noisy) - metrics.frechet_distance(a, b) > 10 * std

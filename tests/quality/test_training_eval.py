@@ -12,7 +12,7 @@ import pytest
 from pipeline import cli
 from pipeline import tensorboard as tb
 from tests.conftest import small_config
-from tests.helpers import dcgan, read_scalars, write_config
+from tests.helpers import dcgan, read_scalars, read_texts, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +84,11 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
         assert sorted(scalars[tag]) == steps, tag
         assert all(math.isfinite(v) for v in scalars[tag].values()), tag
     assert all(0 <= v <= 1 for v in scalars[tb.TAG_EVAL_COVERAGE].values())
+    cards = {step: json.loads(text) for step, text in read_texts(cfg.run_dir / "tb" / tb.EVAL_RUN)[tb.TAG_EVAL_CARD].items()}
+    assert sorted(cards) == steps and len({card["key"] for card in cards.values()}) == 1  # one card all along
+    card = cards[STEPS]
+    assert card["extractor"] == "digits" and card["generator"] == "ema" and card["num_generated"] == 200
+    assert card["reference"]["num_real"] == 1797 and card["reference"]["split"] == "all" and card["quantisation"] == "uint8"
 
     checkpoints = cfg.run_dir / "checkpoints"
     fid = scalars[tb.TAG_EVAL_FID]

@@ -55,12 +55,12 @@ def test_training_evaluates_in_a_torch_process_and_evaluate_reproduces_the_score
         train={"steps": 20, "global_batch_size": 32, "lr": 1e-3},
         checkpoint={"every": 1000, "keep": 2},
         logging={"every": 10, "samples_every": 1000},
-        eval={"every": 10, "num_samples": 200},
+        eval={"every": 10, "num_samples": 200, "best_margin": 0.0},
     )  # fmt: skip
     done = dcgan("train", "--config", write_config(tmp_path / "eval.yaml", cfg), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
-    scalars = read_scalars(cfg.run_dir / "tb")
+    scalars = read_scalars(cfg.run_dir / "tb" / tb.EVAL_RUN)
     for tag in tb.EVAL_TAGS:
         assert sorted(scalars[tag]) == [10, 20] and all(math.isfinite(v) for v in scalars[tag].values()), tag
     checkpoints = cfg.run_dir / "checkpoints"
