@@ -77,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-samples", type=int, default=None, metavar="N", help="default: the run's eval.num_samples")
     evaluate.add_argument("--inception-weights", type=Path, default=None, metavar="PATH",
                           help="FID InceptionV3 weights, for data other than the embedded digits")  # fmt: skip
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where G samples")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                          help="where G samples and the features are computed")  # fmt: skip
+    evaluate.add_argument("--repeats", type=int, default=1, metavar="R",
+                          help="also score R sample sets from independent latents: mean ± std of each metric")  # fmt: skip
+    evaluate.add_argument("--nearest", type=int, default=0, metavar="K",
+                          help="write a grid of K samples, each beside its nearest training images in feature space "
+                               "(with --out; one checkpoint)")  # fmt: skip
+    evaluate.add_argument("--out", type=Path, default=None, metavar="PNG", help="where --nearest writes its grid")
 
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
@@ -252,7 +259,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.num_samples is not None and args.num_samples < 10:
         raise ConfigError(f"--num-samples must be >= 10, got {args.num_samples}")
-    results = evaluate_checkpoints(args.checkpoints, args.num_samples, args.device, args.inception_weights)
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.nearest < 0 or (args.nearest and (args.out is None or len(args.checkpoints) != 1)):
+        raise ConfigError(f"--nearest {args.nearest} needs K >= 1, --out PNG and one --checkpoint")
+    results = evaluate_checkpoints(args.checkpoints, args.num_samples, args.device, args.inception_weights,
+                                   repeats=args.repeats, nearest=args.nearest)  # fmt: skip
+    for result in results:
+        grid = result.pop("nearest", None)
+        if grid is not None:
+            from pipeline.images import save_png
+
+            save_png(grid, args.out)
+            print(f"wrote {args.out}: {args.nearest} samples, each beside its nearest training images", file=sys.stderr)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:

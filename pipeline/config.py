@@ -217,6 +217,11 @@ class EvalSection(_Section):
         description="Bootstrap resamples of the generated features behind eval/fid_std, the noise of eval/fid "
         "(0 = not measured).",
     )
+    extra_metrics: list[Literal["precision_recall", "mifid"]] = Field(
+        default_factory=list,
+        description="Scores beyond FID and KID at each evaluation: precision_recall (eval/precision, eval/recall, "
+        "Kynkäänniemi et al.), mifid (eval/mifid, the memorisation-informed FID); dcgan evaluate reports all.",
+    )
     best_margin: float = Field(
         1.0,
         ge=0,

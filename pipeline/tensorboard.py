@@ -37,6 +37,11 @@ TAG_EVAL_FID_WITHOUT_EMA = "eval/fid_without_ema"  # with eval.score_raw_generat
 TAG_EVAL_FID_STD = "eval/fid_std"
 TAG_EVAL_KID_STD = "eval/kid_std"
 EVAL_TAGS = (TAG_EVAL_FID, TAG_EVAL_FID_STD, TAG_EVAL_KID, TAG_EVAL_KID_STD, TAG_EVAL_COVERAGE, TAG_EVAL_CLASS_KL)
+# Optional (eval.extra_metrics; `dcgan evaluate` always): improved precision and recall, and
+# the memorisation-informed FID.
+TAG_EVAL_PRECISION = "eval/precision"
+TAG_EVAL_RECALL = "eval/recall"
+TAG_EVAL_MIFID = "eval/mifid"
 # Each evaluation's provenance card (pipeline.quality.evaluator), as text at its step.
 TAG_EVAL_CARD = "eval/card"
 

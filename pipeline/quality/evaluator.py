@@ -13,7 +13,7 @@ import json
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -71,17 +71,23 @@ class Evaluator:
         log.info("cached the features of %d real images at %s", len(features), path)
         return features
 
-    def evaluate(self, images: np.ndarray, bootstrap: int | None = None) -> dict[str, float]:
+    def evaluate(self, images: np.ndarray, bootstrap: int | None = None, extra: Sequence[str] | None = None) -> dict[str, float]:
         """FID and KID against the real set, each with its noise (FID: the std over bootstrap
         resamples of the generated features; KID: over its subsets); mode coverage and the
-        class KL with the digits classifier."""
+        class KL with the digits classifier; `extra` (default eval.extra_metrics): precision and
+        recall, MiFID."""
         features, probabilities = self.extractor.embed(images)
+        extra = self.cfg.eval.extra_metrics if extra is None else extra
         kid, kid_std = metrics.kernel_distance(self.real, features, self.cfg.eval.kid_subset_size)
         scores = {tb.TAG_EVAL_FID: metrics.frechet_distance(self.real, features), tb.TAG_EVAL_KID: kid,
                   tb.TAG_EVAL_KID_STD: kid_std}  # fmt: skip
         resamples = self.cfg.eval.bootstrap if bootstrap is None else bootstrap
         if resamples:
             scores[tb.TAG_EVAL_FID_STD] = metrics.frechet_distance_std(self.real, features, resamples)
+        if "precision_recall" in extra:
+            scores[tb.TAG_EVAL_PRECISION], scores[tb.TAG_EVAL_RECALL] = metrics.precision_recall(self.real, features)
+        if "mifid" in extra:
+            scores[tb.TAG_EVAL_MIFID] = metrics.memorization_informed_fid(self.real, features)
         if probabilities is not None:
             scores[tb.TAG_EVAL_COVERAGE] = metrics.mode_coverage(probabilities)
             scores[tb.TAG_EVAL_CLASS_KL] = metrics.class_kl(probabilities)

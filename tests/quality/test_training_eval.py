@@ -114,6 +114,20 @@ def test_training_logs_eval_scores_keeps_the_best_and_evaluate_reproduces_them(t
     assert cli.main(["evaluate", "--checkpoint", str(checkpoints / best)]) == 0
     assert "eval/coverage" in capsys.readouterr().out  # the table
 
+    # Noise over sample sets, precision / recall and MiFID, and the nearest training images.
+    grid = tmp_path / "nearest.png"
+    args = ["evaluate", "--checkpoint", str(checkpoints / best), "--repeats", "3", "--nearest", "4", "--out", str(grid), "--json"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    spread = result["repeats"][tb.TAG_EVAL_FID]
+    assert len(spread["values"]) == 3 and spread["values"][0] == result["metrics"][tb.TAG_EVAL_FID] and spread["std"] > 0
+    scores = result["metrics"]
+    assert 0 <= scores[tb.TAG_EVAL_PRECISION] <= 1 and 0 <= scores[tb.TAG_EVAL_RECALL] <= 1
+    assert scores[tb.TAG_EVAL_MIFID] >= scores[tb.TAG_EVAL_FID] * (1 - 1e-9)  # divided by a penalty of at most 1
+    from PIL import Image
+
+    assert Image.open(grid).size == (5 * 34 + 2, 4 * 34 + 2)  # 4 rows: a sample and its 4 nearest, 32 px + padding
+
 
 def test_evaluate_refuses_a_missing_checkpoint_by_name(tmp_path: Path):
     done = dcgan("evaluate", "--checkpoint", tmp_path / "nowhere", cwd=tmp_path)
