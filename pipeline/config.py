@@ -115,6 +115,13 @@ class ModelSection(_Section):
         description="Keep an exponential moving average of G's weights with this decay per step (StyleGAN2 and "
         "BigGAN do); when set, sampling, evaluation and export use the average. 0 = off.",
     )
+    g_ema_standing_statistics: int = Field(
+        0,
+        ge=0,
+        description="With g_ema_decay: re-estimate the average's BatchNorm statistics from this many fresh latents "
+        "before it samples, is scored or exported (StudioGAN's standing statistics; the averaged statistics belong "
+        "to no single set of weights). 0 = use the averaged statistics.",
+    )
 
 
 class TrainSection(_Section):
@@ -374,6 +381,15 @@ class Config(_Section):
                 f"{span} with train.max_failures=0: a lost node fails the worker group, and Ray shrinks the run "
                 "onto the nodes left only as a restart, which max_failures counts; allow the losses a run may "
                 "meet (e.g. train.max_failures=10). A node drained with notice costs no failure"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _standing_statistics_need_an_average(self) -> "Config":
+        if self.model.g_ema_standing_statistics and not self.model.g_ema_decay:
+            raise ValueError(
+                f"model.g_ema_standing_statistics={self.model.g_ema_standing_statistics} re-estimates the BatchNorm "
+                "statistics of G's average, but model.g_ema_decay=0 keeps none: set both, or neither"
             )
         return self
 

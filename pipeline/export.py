@@ -52,9 +52,10 @@ def _write(backend, cfg: config.Config, step: int, checkpoint: str, out: Path) -
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        files = writer.write_generator(
-            backend.sampling_net, nz, staging, {key: str(value) for key, value in {**model, "step": step}.items()}
-        )
+        with backend.standing_statistics():  # model.g_ema_standing_statistics: what sampling uses, exported
+            files = writer.write_generator(
+                backend.sampling_net, nz, staging, {key: str(value) for key, value in {**model, "step": step}.items()}
+            )
         summary = {
             "framework": cfg.backend,
             "step": step,
@@ -65,6 +66,7 @@ def _write(backend, cfg: config.Config, step: int, checkpoint: str, out: Path) -
             "output": {"name": "images", "layout": writer.OUTPUT_LAYOUT, "shape": [dims[d] for d in writer.OUTPUT_LAYOUT],
                        "dtype": "float32", "range": [-1.0, 1.0], "to_uint8": TO_UINT8},
             "files": files,
+            "standing_statistics": cfg.model.g_ema_standing_statistics if cfg.model.g_ema_decay else 0,
         }  # fmt: skip
         (staging / EXPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(staging, out)  # replaces an empty `out`; refuses one filled meanwhile

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Any, ContextManager, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -17,6 +17,9 @@ def num_resolution_doublings(image_size: int) -> int:
     steps = math.log2(image_size / 4)
     assert steps.is_integer() and steps >= 2, f"image_size must be a power of two >= 16, got {image_size}"
     return int(steps)
+
+
+STANDING_SEED = 2**31 - 2  # the latents of standing statistics: not those evaluation scores with
 
 
 def latent_noise(num: int, nz: int, seed: int) -> np.ndarray:
@@ -81,6 +84,11 @@ class Backend(Protocol):
 
     def generate(self, z: np.ndarray) -> np.ndarray:
         """uint8 NHWC images from float32 latents of shape (N, nz), in batches; no collective."""
+
+    def standing_statistics(self) -> ContextManager[None]:
+        """Inside the block, G's average holds BatchNorm statistics re-estimated from fresh
+        latents (STANDING_SEED) when model.g_ema_standing_statistics asks; generate() and
+        export use it. No collective."""
 
     def save(self, directory: Path) -> None:
         """Write the full training state; refuse (NonFiniteError) if any tensor is not finite."""

@@ -65,3 +65,41 @@ def test_without_a_decay_there_is_no_average(tmp_path: Path):
     backend = TorchBackend(small_config(tmp_path), LOCAL)
     backend.save(tmp_path)
     assert backend.sampling_net is backend.netG and not (tmp_path / GENERATOR_EMA_FILE).exists()
+
+
+def test_standing_statistics_are_those_of_the_average_on_fresh_latents_and_leave_it_as_it_was(tmp_path: Path):
+    """Inside the block every BatchNorm layer of the average normalizes its inputs over the
+    standing latents to mean 0 and variance 1, as its statistics are theirs; after it, the
+    averaged statistics are back, and sampling differs between the two."""
+    from pipeline.backends.base import STANDING_SEED, latent_noise
+
+    cfg = small_config(tmp_path, model={"g_ema_decay": DECAY, "g_ema_standing_statistics": 512})
+    backend = TorchBackend(cfg, LOCAL)
+    for step in range(1, 4):
+        backend.train_step(batch(step), step)
+    net = backend.netG_ema.module
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    z = latent_noise(512, cfg.model.nz, STANDING_SEED)
+    normalized = []
+
+    def record(module, inputs, output):
+        weight, bias = module.weight.view(1, -1, 1, 1), module.bias.view(1, -1, 1, 1)
+        normalized.append(((output - bias) / weight).double())
+
+    with backend.standing_statistics(), torch.no_grad():
+        assert not net.training
+        handles = [layer.register_forward_hook(record) for layer in layers]  # after the estimation's passes
+        net(torch.from_numpy(z).view(512, -1, 1, 1))
+        for handle in handles:
+            handle.remove()
+    assert len(normalized) == len(layers) == 3
+    for values in normalized:
+        torch.testing.assert_close(values.mean(dim=(0, 2, 3)), torch.zeros(values.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(values.var(dim=(0, 2, 3)), torch.ones(values.shape[1], dtype=torch.float64), atol=1e-2, rtol=0)
+    for layer, (mean, var) in zip(layers, before):
+        assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+    plain = TorchBackend(small_config(tmp_path / "plain", model={"g_ema_decay": DECAY}), LOCAL)
+    plain.netG.load_state_dict(backend.netG.state_dict())
+    plain.netG_ema.module.load_state_dict(net.state_dict())
+    assert not np.array_equal(backend.generate(z[:16]), plain.generate(z[:16]))

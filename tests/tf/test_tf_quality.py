@@ -46,6 +46,35 @@ def test_the_average_follows_the_warmed_up_recurrence(tmp_path: Path):
     assert np.array_equal(fresh.generate(z), backend.generate(z))
 
 
+def test_standing_statistics_are_those_of_the_average_on_fresh_latents_and_leave_it_as_it_was(tmp_path: Path):
+    """As in torch (tests/backends/test_torch_average.py): inside the block each BatchNorm layer
+    of the average normalizes its inputs over the standing latents to mean 0 and variance 1;
+    after it the averaged statistics are back."""
+    import keras
+
+    from pipeline.backends.base import STANDING_SEED, latent_noise
+
+    cfg = small_config(tmp_path, backend="tensorflow", model={"g_ema_decay": DECAY, "g_ema_standing_statistics": 512})
+    backend = TFBackend(cfg, LOCAL, tf.distribute.OneDeviceStrategy("/device:CPU:0"))
+    images = ShardedImages(ensure_prepared(cfg.data))
+    batches = backend.batches(images, EpochSharder(len(images), cfg.train.global_batch_size, cfg.train.seed))
+    for step in range(1, 4):
+        backend.train_step(next(batches), step)
+    net = backend.netG_ema
+    layers = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    before = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+    z = latent_noise(512, cfg.model.nz, STANDING_SEED)
+    with backend.standing_statistics():
+        for layer in layers:
+            out = keras.Model(net.input, layer.output)(z, training=False).numpy().astype(np.float64)
+            normalized = ((out - layer.beta.numpy()) / layer.gamma.numpy()).reshape(-1, out.shape[-1])
+            np.testing.assert_allclose(normalized.mean(axis=0), 0.0, atol=1e-4, err_msg=layer.name)
+            np.testing.assert_allclose(normalized.var(axis=0), 1.0, atol=1e-2, err_msg=layer.name)
+    for layer, (mean, variance) in zip(layers, before):
+        assert np.array_equal(layer.moving_mean.numpy(), mean) and np.array_equal(layer.moving_variance.numpy(), variance)
+    assert len(layers) == 3
+
+
 @pytest.mark.integration
 def test_training_evaluates_in_a_torch_process_and_evaluate_reproduces_the_scores(tmp_path: Path):
     cfg = small_config(

@@ -7,8 +7,10 @@ Every variable, optimizer slots included, is created inside `strategy.scope()`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -16,11 +18,12 @@ import keras
 import numpy as np
 
 from pipeline.backends.base import (
-    NEUTRAL_AVERAGE, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise, warmed_up_decay,
+    NEUTRAL_AVERAGE, STANDING_SEED, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise, warmed_up_decay,
 )
 from pipeline.backends.tf_backend import tf, weights
 from pipeline.backends.tf_backend.models import build_discriminator, build_generator, count_parameters
 from pipeline.backends.tf_backend.devices import describe, make_strategy, resolve_precision, use_devices
+from pipeline.backends.tf_backend.standing import standing_statistics
 from pipeline.config import Config, ConfigError
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
@@ -237,12 +240,24 @@ class TFBackend:
             return self.generate(self.fixed_noise.numpy())
         return self.generate(latent_noise(num or len(self.fixed_noise.numpy()), self.cfg.model.nz, seed or 0))
 
+    @contextmanager
+    def standing_statistics(self) -> Iterator[None]:
+        """The average with BatchNorm statistics re-estimated from fresh latents inside the
+        block (model.g_ema_standing_statistics; nothing to do without it)."""
+        count = self.cfg.model.g_ema_standing_statistics
+        if self.netG_ema is None or not count:
+            yield
+            return
+        with standing_statistics(self.netG_ema, latent_noise(count, self.cfg.model.nz, STANDING_SEED)):
+            yield
+
     def generate(self, z: np.ndarray, batch_size: int = 256, averaged: bool = True) -> np.ndarray:
         net = self.sampling_net if averaged else self.netG
         chunks = []
-        for start in range(0, len(z), batch_size):
-            images = net(np.asarray(z[start : start + batch_size], dtype=np.float32), training=False)
-            chunks.append(np.round((np.clip(images.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8))
+        with self.standing_statistics() if averaged else contextlib.nullcontext():
+            for start in range(0, len(z), batch_size):
+                images = net(np.asarray(z[start : start + batch_size], dtype=np.float32), training=False)
+                chunks.append(np.round((np.clip(images.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8))
         return np.concatenate(chunks)
 
     # --- state ---------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -11,12 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.backends.base import NEUTRAL_AVERAGE, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise
+from pipeline.backends.base import (
+    NEUTRAL_AVERAGE, STANDING_SEED, NonFiniteError, ReplicaMismatchError, holds_average, latent_noise,
+)  # fmt: skip
 from pipeline.backends.torch_backend import feed, parallel, weights
 from pipeline.backends.torch_backend.average import GeneratorAverage
 from pipeline.backends.torch_backend.device import make_deterministic, pick_device, resolve_precision
 from pipeline.backends.torch_backend.feed import to_uint8_images
 from pipeline.backends.torch_backend.models import build_models, count_parameters
+from pipeline.backends.torch_backend.standing import standing_statistics
 from pipeline.config import Config
 from pipeline.context import RankContext
 from pipeline.data.sharding import EpochSharder
@@ -183,17 +188,36 @@ class TorchBackend:
             return self.generate(self.fixed_noise.detach().cpu().numpy().reshape(len(self.fixed_noise), -1))
         return self.generate(latent_noise(num or len(self.fixed_noise), self.cfg.model.nz, seed or 0))
 
+    @contextmanager
+    def standing_statistics(self) -> Iterator[None]:
+        """The average with BatchNorm statistics re-estimated from fresh latents inside the
+        block (model.g_ema_standing_statistics; nothing to do without it), in eval mode."""
+        count = self.cfg.model.g_ema_standing_statistics
+        if self.netG_ema is None or not count:
+            yield
+            return
+        net = self.netG_ema.module
+        was_training = net.training
+        net.eval()
+        latent = torch.from_numpy(latent_noise(count, self.cfg.model.nz, STANDING_SEED))
+        try:
+            with standing_statistics(net, latent.view(count, -1, 1, 1).to(self.device, self.dtype)):
+                yield
+        finally:
+            net.train(was_training)
+
     @torch.no_grad()
     def generate(self, z: np.ndarray, batch_size: int = 256, averaged: bool = True) -> np.ndarray:
         net = self.sampling_net if averaged else self.netG
         was_training = net.training
         net.eval()  # running BatchNorm statistics: sampling must not change the state
         try:
-            chunks = []
-            for start in range(0, len(z), batch_size):
-                latent = torch.from_numpy(np.asarray(z[start : start + batch_size], dtype=np.float32))
-                latent = latent.view(len(latent), -1, 1, 1).to(self.device, self.dtype)
-                chunks.append(to_uint8_images(net(latent)))
+            with self.standing_statistics() if averaged else contextlib.nullcontext():
+                chunks = []
+                for start in range(0, len(z), batch_size):
+                    latent = torch.from_numpy(np.asarray(z[start : start + batch_size], dtype=np.float32))
+                    latent = latent.view(len(latent), -1, 1, 1).to(self.device, self.dtype)
+                    chunks.append(to_uint8_images(net(latent)))
         finally:
             net.train(was_training)
         return np.concatenate(chunks)
