@@ -240,6 +240,12 @@ class EvalSection(_Section):
         description="With model.g_ema_decay: also score G itself (eval/fid_without_ema), a second pass over the "
         "same latents.",
     )
+    runs: Literal["apart", "in-line"] = Field(
+        "apart",
+        description="Ray runner: where each evaluation runs: apart (a Ray task beside the training, Ray's checkpoint "
+        "validation; the ranks train on) or in-line (on the chief; every rank waits for it). Horovod evaluates "
+        "in-line (Ray Train V1 has no checkpoint validation); the other runners always do.",
+    )
     resources: "EvalResources" = Field(
         default_factory=EvalResources,
         description="Ray runner: what each checkpoint's evaluation (a Ray task beside the training) reserves.",

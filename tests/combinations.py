@@ -42,6 +42,7 @@ EXCLUDED = {
     "data.download": "torchvision's download needs the network",
     "eval.extractor": "what evaluation measures: tests/quality",
     "eval.score_raw_generator": "what evaluation measures, as eval.extractor",
+    "eval.runs": "where the Ray runner evaluates: tests/test_ray_runner.py runs both",
     "scaling.use_gpu": "reserves GPUs, which this machine has not (bench/gpu_check.sh)",
     "runtime.device": "cuda needs a GPU and auto is the CPU here (bench/gpu_check.sh covers cuda)",
 }

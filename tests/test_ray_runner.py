@@ -205,36 +205,38 @@ def test_a_worker_that_does_not_see_the_shared_storage_fails_the_run_at_once_nam
     assert not list((cfg.run_dir / "checkpoints").glob("step-*"))  # nothing trained onto one node's disk
 
 
-EVALUATION_S = 6.0  # how long each evaluation apart is made to take, at least
+EVALUATION_S = 6.0  # how long the evaluation of step 10 is made to take, at least
 
 
-def slow_and_failing_at_step_20(checkpoint, address: str, step: int, run_address: str, device: str = "cpu"):
-    """Ray's validation function as the product's, made slow, and failing at step 20 (its
-    generator asked to sample on a device this machine has not)."""
+def slow_at_step_10_failing_at_step_20(checkpoint, address: str, step: int, run_address: str, device: str = "cpu"):
+    """Ray's validation function as the product's, made slow at step 10, and failing at step 20
+    (its generator asked to sample on a device this machine has not)."""
     import time
 
     from pipeline.ray_runner import validation
 
-    time.sleep(EVALUATION_S)
+    if step == 10:
+        time.sleep(EVALUATION_S)
     # In Ray's task process, where this function arrives by value: the product's own.
     return validation.evaluate_apart(checkpoint, address, step, run_address, "cuda:7" if step == 20 else device)
 
 
 def test_ray_evaluates_checkpoints_apart_while_the_ranks_train_on(s3_base, tmp_path: Path, caplog, monkeypatch):
-    """Two workers, eval.every 10: each evaluation runs as Ray's checkpoint validation (made to
-    take 6 s; the one of step 20 fails). The ranks never wait for it: no step boundary at an
+    """Two workers, eval.every 10: each evaluation runs as Ray's checkpoint validation (step 10's
+    made to take 6 s more; the one of step 20 fails). The ranks never wait for it: no step boundary at an
     evaluation step takes long, and step 10's scores arrive while later steps train. Scores
     land at their steps (TensorBoard's eval run, scores.json), the failed one leaves its
     checkpoint unscored and the run going, the last one (pending when training ended) is
-    recorded before the fit returns. A second fit degrades (lr 0.5): BEST survives retention
-    beside the newest two, and Ray's ranking (eval/ranked_fid) agrees with BEST."""
+    recorded before the fit returns. A second fit evaluates in-line (eval.runs) and degrades
+    (lr 0.5): there the ranks wait at each evaluation step; BEST survives retention beside the
+    newest two, and Ray's ranking (eval/ranked_fid) agrees with BEST."""
     import time
 
     from pipeline import tensorboard as tb
     from pipeline.checkpoint import SCORES
     from pipeline.ray_runner import validation
 
-    def quality_config(steps: int, lr: float) -> Config:
+    def quality_config(steps: int, lr: float, runs: str = "apart") -> Config:
         return ray_config(
             tmp_path, "quality",
             data={"source": "digits", "prepared_dir": str(tmp_path / "digits")},
@@ -244,7 +246,7 @@ def test_ray_evaluates_checkpoints_apart_while_the_ranks_train_on(s3_base, tmp_p
             train={"steps": steps, "global_batch_size": 32, "lr": lr, "channels_last": False},
             checkpoint={"every": 1000, "keep": 2},
             logging={"every": 10, "samples_every": 1000},
-            eval={"every": 10, "num_samples": 200, "best_margin": 0.0},
+            eval={"every": 10, "num_samples": 200, "best_margin": 0.0, "runs": runs},
         )  # fmt: skip
 
     steps_started = tmp_path / "steps.jsonl"
@@ -257,7 +259,7 @@ def test_ray_evaluates_checkpoints_apart_while_the_ranks_train_on(s3_base, tmp_p
     first = quality_config(30, 2e-2)
     checkpoint_config = driver.checkpoint_config(first)
     assert (checkpoint_config.checkpoint_score_attribute, checkpoint_config.checkpoint_score_order) == ("eval/ranked_fid", "min")
-    monkeypatch.setattr(validation, "evaluate_apart", slow_and_failing_at_step_20)
+    monkeypatch.setattr(validation, "evaluate_apart", slow_at_step_10_failing_at_step_20)
     ray_runner.run(plan(first), train_fn=traced_worker(tmp_path, each_step=stamp))
     monkeypatch.undo()
 
@@ -276,10 +278,16 @@ def test_ray_evaluates_checkpoints_apart_while_the_ranks_train_on(s3_base, tmp_p
     assert sorted(fid) == [10, 30]  # step 30's too: its evaluation was pending when training ended
     assert all(fid[step] == pytest.approx(scored[step]["score"], rel=1e-6) for step in (10, 30))
 
-    # It degrades late: resumed at step 30 with a learning rate far too high.
+    # In-line, and it degrades late: resumed at step 30 with a learning rate far too high.
+    steps_started.unlink()
     with caplog.at_level("INFO", logger="pipeline.ray_runner"):
-        metrics = ray_runner.run(plan(quality_config(50, 0.5)))
+        metrics = ray_runner.run(plan(quality_config(50, 0.5, "in-line")), train_fn=traced_worker(tmp_path, each_step=stamp))
     assert metrics["step"] == 50
+    # Steps counted from this fit's start (step 30): the boundary of step 40 held an evaluation.
+    started = {step + 30: at for step, at in map(json.loads, steps_started.read_text().splitlines())}
+    plain = sorted(started[n + 1] - started[n] for n in range(31, 49) if n != 40)
+    assert started[41] - started[40] > 3 * plain[len(plain) // 2], (started[41] - started[40], plain)
+    assert not (checkpoints / "step-00000040" / SCORES).exists()  # scored before it was written: in its manifest
     fid.update(read_scalars(first.run_dir / "tb" / tb.EVAL_RUN)[tb.TAG_EVAL_FID])
     assert sorted(fid) == [10, 30, 40, 50]
     best_step = min(fid, key=fid.get)

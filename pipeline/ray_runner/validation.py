@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 def evaluates_apart(cfg: Config) -> bool:
     """Whether this config's Ray runs score their checkpoints as Ray's checkpoint validation."""
-    return bool(cfg.eval.every) and not (cfg.backend == "torch" and cfg.distributed.strategy == "horovod")
+    horovod = cfg.backend == "torch" and cfg.distributed.strategy == "horovod"  # Train V1: no validation
+    return bool(cfg.eval.every) and cfg.eval.runs == "apart" and not horovod
 
 
 def validation_config(cfg: Config):
