@@ -5,7 +5,7 @@ disjoint halves of the real digits.
 For each config the run is `dcgan train` as a user starts it, stopped (SIGTERM: it checkpoints
 and exits) if it is still going at the budget. Its curves come back from its own TensorBoard
 events: eval/fid (of the EMA generator), eval/fid_without_ema (of G itself), eval/coverage and
-eval/kid, each with the seconds since the command started. The reference FID is computed here,
+eval/kid, each with the seconds since the command started (TensorBoard's eval run, <run>/tb/eval). The reference FID is computed here,
 with the same extractor and the same features of the real set.
 
     .venv/bin/python bench/quality.py [--backends torch tensorflow] [--budget-s 600]
@@ -55,7 +55,7 @@ def reference_fid(cfg) -> dict[str, Any]:
 def train(config_path: Path, runs: Path, budget_s: float) -> dict[str, Any]:
     """`dcgan train`, SIGTERMed at the budget; returns the wall time and how it ended."""
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(config_path), "--fresh",
-               "--set", f"run.dir={runs}"]  # fmt: skip
+               "--set", f"run.dir={runs}", "--set", "eval.score_raw_generator=true"]  # fmt: skip
     log = (runs / f"{config_path.stem}.log").open("w")
     started = time.time()
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
@@ -111,7 +111,7 @@ def main() -> None:
         config_path = ROOT / "configs" / f"{names[backend]}.yaml"
         cfg = config.load(config_path)
         ran = train(config_path, runs, args.budget_s)
-        curve = curves(runs / cfg.run.name / "tb", ran.pop("started"))
+        curve = curves(runs / cfg.run.name / "tb" / "eval", ran.pop("started"))
         verdict = judge(curve, fid_limit, args.budget_s)
         result["runs"][backend] = {"config": str(config_path.relative_to(ROOT)), **ran, **verdict, "curve": curve}
         print(f"\n{backend} ({config_path.name}): {ran['seconds']} s, exit {ran['exit_code']}")

@@ -256,6 +256,13 @@ def test_ray_evaluates_checkpoints_apart_while_the_ranks_train_on(s3_base, tmp_p
             with open(steps_started, "a") as handle:
                 handle.write(json.dumps([step, time.time()]) + "\n")
 
+    # A validation task that could never be scheduled would hold the fit's end for ever.
+    no_gpu = quality_config(30, 2e-2)
+    no_gpu.eval.resources.gpus = 1
+    with pytest.raises(ConfigError, match=r"eval.resources=.* the Ray cluster has 0"):
+        ray_runner.run(plan(no_gpu))
+    assert not (no_gpu.run_dir / "checkpoints").exists()
+
     first = quality_config(30, 2e-2)
     checkpoint_config = driver.checkpoint_config(first)
     assert (checkpoint_config.checkpoint_score_attribute, checkpoint_config.checkpoint_score_order) == ("eval/ranked_fid", "min")

@@ -104,6 +104,27 @@ def _connect(job: Job) -> None:
     )
 
 
+def check_room_for_evaluation(cfg: Config) -> None:
+    """Evaluations apart need resources beside the workers': a validation task that can never be
+    scheduled would hold the fit's end for ever (Ray waits for every pending one)."""
+    if not evaluates_apart(cfg):
+        return
+    import ray
+
+    total = ray.cluster_resources()
+    workers_gpus = cfg.scaling.max_workers if cfg.scaling.use_gpu else 0
+    wanted = {"CPU": cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + cfg.eval.resources.cpus,
+              "GPU": workers_gpus + cfg.eval.resources.gpus}  # fmt: skip
+    short = {name: (need, total.get(name, 0)) for name, need in wanted.items() if need > total.get(name, 0)}
+    if short:
+        name, (need, have) = next(iter(short.items()))
+        raise ConfigError(
+            f"eval.resources={cfg.eval.resources.model_dump()} beside {cfg.scaling.max_workers} worker(s): the run needs "
+            f"{need:g} {name} and the Ray cluster has {have:g}; each evaluation runs as a Ray task of its own. Lower "
+            "eval.resources, or evaluate on the chief with eval.runs=in-line"
+        )
+
+
 def check_connected_env(trainer: RayTrainer) -> None:
     """This process joined Ray before us (a notebook): the workers get the environment of the
     job it connected with, which must carry the trainer's."""
@@ -138,6 +159,7 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     A SIGTERM to this driver (`ray job stop`) asks the ranks to stop: they agree on a step,
     checkpoint there and return, and this raises Preempted."""
     _connect(job)
+    check_room_for_evaluation(job.cfg)
     run_dir = storage.location(job.run_address)
     # Every worker reads these back before its first step (pipeline.ray_runner.probes).
     probes = write_probes([job.run_address, job.cfg.data.resolved_prepared_dir()])
