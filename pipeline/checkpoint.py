@@ -267,12 +267,12 @@ class CheckpointManager:
         """The scores of a checkpoint evaluated after it was written, beside its manifest
         (rewriting the manifest would make every node's copy of it stale). Returns whether it
         became BEST. BEST is written first: until scores.json exists the checkpoint counts as
-        pending, so retention cannot delete it in between."""
+        pending, so retention cannot delete it in between. Retention itself stays the writing
+        job's (its next save): pruning from here could remove a save in progress."""
         best = self.becomes_best(score)
         if best:
             self.location.write_text(BEST, name + "\n")
         self.location.write_text(f"{name}/{SCORES}", json.dumps({"scores": scores, "card": card, **score.record()}))
-        self._prune()
         return best
 
     def record_failure(self, name: str, error: str) -> None:
@@ -350,11 +350,18 @@ class CheckpointManager:
                 self.location.delete(name)  # an upload cut short: no manifest, never read
 
     def _evaluation_pending(self, name: str) -> bool:
+        """Its scores are still to come: written for evaluation apart, unscored, and by this
+        manager's job (a pending evaluation of an ended job will never come: Ray's pending
+        validations end with their fit)."""
         try:
             manifest = json.loads(self.location.read_text(f"{name}/{MANIFEST}"))
         except (OSError, ValueError):
             return False
-        return isinstance(manifest, dict) and manifest.get("evaluation") == PENDING and not self.location.exists(f"{name}/{SCORES}")
+        if not isinstance(manifest, dict) or manifest.get("evaluation") != PENDING:
+            return False
+        if self.job is not None and manifest.get("job") != self.job:
+            return False
+        return not self.location.exists(f"{name}/{SCORES}")
 
     def latest_name(self) -> Optional[str]:
         return self._pointer(LATEST)

@@ -658,7 +658,7 @@ def test_best_moves_beyond_the_noise_on_its_own_card_and_pending_evaluations_are
     whose evaluation is pending outlives retention until its scores (or its failure) are in."""
     from pipeline.checkpoint import SCORES, Score
 
-    manager = CheckpointManager(ckdir, keep=2, best_margin=1.0)
+    manager = CheckpointManager(ckdir, keep=2, job="job-1", best_margin=1.0)
     manager.save(10, payload(files_for(10)), metadata(tiny_cfg), score=Score(10.0, 0.3, "card-a"))
     manager.save(20, payload(files_for(20)), metadata(tiny_cfg), score=Score(9.6, 0.4, "card-a"))  # 0.4 < 0.5
     assert manager.best_name() == "step-00000010"  # within the noise: BEST stays
@@ -678,3 +678,10 @@ def test_best_moves_beyond_the_noise_on_its_own_card_and_pending_evaluations_are
     assert json.loads((ckdir / "step-00000060" / SCORES).read_text())["score"] is None
     manager.save(80, payload(files_for(80)), metadata(tiny_cfg))
     assert step_dirs(ckdir) == ["step-00000050", "step-00000070", "step-00000080"]  # BEST and the newest two
+
+    # A pending evaluation of a job that ended never comes: the next job's retention ignores it.
+    manager.save(90, payload(files_for(90)), metadata(tiny_cfg), evaluation_pending=True)
+    later = CheckpointManager(ckdir, keep=2, job="job-2")
+    later.save(100, payload(files_for(100)), metadata(tiny_cfg))
+    later.save(110, payload(files_for(110)), metadata(tiny_cfg))
+    assert step_dirs(ckdir) == ["step-00000050", "step-00000100", "step-00000110"]

@@ -70,8 +70,11 @@ def evaluate_apart(checkpoint, address: str, step: int, run_address: str, device
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     name = step_dir_name(step)
-    cfg = validate(fetch(address).config, f"{address}/manifest.json")
-    checkpoints = CheckpointManager(storage.join(run_address, "checkpoints"), None, best_margin=cfg.eval.best_margin)
+    written = fetch(address)
+    cfg = validate(written.config, f"{address}/manifest.json")
+    # As the job that wrote it: its retention keeps that job's pending checkpoints.
+    checkpoints = CheckpointManager(storage.join(run_address, "checkpoints"), None, written.manifest.get("job"),
+                                    best_margin=cfg.eval.best_margin)  # fmt: skip
     try:
         result = evaluate_checkpoint(address, device=device)
     except Exception as err:
