@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="FID InceptionV3 weights, for data other than the embedded digits")  # fmt: skip
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                           help="where G samples and the features are computed")  # fmt: skip
+    evaluate.add_argument("--extractor", choices=["digits", "inception"], default=None,
+                          help="features other than the run's eval.extractor (inception: the standard FID network)")  # fmt: skip
     evaluate.add_argument("--repeats", type=int, default=1, metavar="R",
                           help="also score R sample sets from independent latents: mean ± std of each metric")  # fmt: skip
     evaluate.add_argument("--nearest", type=int, default=0, metavar="K",
@@ -264,7 +266,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.nearest < 0 or (args.nearest and (args.out is None or len(args.checkpoints) != 1)):
         raise ConfigError(f"--nearest {args.nearest} needs K >= 1, --out PNG and one --checkpoint")
     results = evaluate_checkpoints(args.checkpoints, args.num_samples, args.device, args.inception_weights,
-                                   repeats=args.repeats, nearest=args.nearest)  # fmt: skip
+                                   repeats=args.repeats, nearest=args.nearest, extractor=args.extractor)  # fmt: skip
     for result in results:
         grid = result.pop("nearest", None)
         if grid is not None:

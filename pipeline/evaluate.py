@@ -45,6 +45,7 @@ def evaluate_checkpoints(
     repeats: int = 1,
     extra: Optional[Sequence[str]] = ALL_EXTRA_METRICS,
     nearest: int = 0,
+    extractor: Optional[str] = None,
 ) -> list[dict[str, Any]]:
     """The scores of each checkpoint, in order. Every checkpoint is fetched and its config
     checked before any generator samples. `metrics` are those of the latents training
@@ -52,7 +53,8 @@ def evaluate_checkpoints(
     sample sets from independent latents (that set included). `extra`: precision/recall and
     MiFID (None: the run's eval.extra_metrics). `nearest` K: each result's `nearest` holds a
     grid (uint8 HWC) of K samples, each beside its NEAREST_SHOWN nearest real images in
-    feature space."""
+    feature space. `extractor`: instead of the run's eval.extractor (e.g. the standard
+    InceptionV3 for a digits run)."""
     infos = [fetch(address) for address in addresses]
     configs = []
     for address, info in zip(addresses, infos):
@@ -61,6 +63,11 @@ def evaluate_checkpoints(
             cfg.eval.num_samples = num_samples
         if inception_weights is not None:
             cfg.eval.inception_weights = inception_weights
+        if extractor is not None:
+            if extractor == "digits" and cfg.data.source != "digits":
+                raise config.ConfigError(f"--extractor digits measures generated digits, but {address} trained on "
+                                         f"data.source={cfg.data.source!r}")  # fmt: skip
+            cfg.eval.extractor = extractor
         configs.append(cfg)
     with tempfile.TemporaryDirectory(prefix="dcgan-evaluate-") as scratch:
         requests = [SampleRequest(info.path, cfg.eval.num_samples, Path(scratch) / str(index), repeats)
