@@ -8,8 +8,12 @@ events: eval/fid (of the EMA generator), eval/fid_without_ema (of G itself), eva
 eval/kid, each with the seconds since the command started (TensorBoard's eval run, <run>/tb/eval). The reference FID is computed here,
 with the same extractor and the same features of the real set.
 
+The pictures go to bench/results/ (the README shows them): quality-fid.png, the FID-by-step
+curves of both frameworks, of G's average and of G itself, and quality-samples-<backend>.png,
+64 samples of each run's BEST checkpoint.
+
     .venv/bin/python bench/quality.py [--backends torch tensorflow] [--budget-s 600]
-                                      [--out runs/bench/quality.json]
+                                      [--out runs/bench/quality.json] [--pictures bench/results]
 """
 
 from __future__ import annotations
@@ -91,11 +95,61 @@ def judge(curve: list[dict[str, float]], fid_limit: float, budget_s: float) -> d
             "last": within[-1] if within else None}  # fmt: skip
 
 
+COLOURS = {("torch", "eval/fid"): "navy", ("torch", "eval/fid_without_ema"): "cornflowerblue",
+           ("tensorflow", "eval/fid"): "darkred", ("tensorflow", "eval/fid_without_ema"): "salmon"}  # fmt: skip
+
+
+def plot_fid(runs: dict[str, Any], fid_limit: float, out: Path) -> None:
+    """FID (log scale) by step for each backend: G's average solid, G itself light; the target
+    as a grey line. PIL only."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 1000, 560, 60
+    lines = {(backend, tag): [(p["step"], p[tag]) for p in run["curve"] if tag in p and p[tag] > 0]
+             for backend, run in runs.items() for tag in ("eval/fid", "eval/fid_without_ema")}  # fmt: skip
+    points = [point for line in lines.values() for point in line]
+    if not points:
+        return
+    top_step = max(step for step, _ in points)
+    low, high = math.log10(min(min(v for _, v in points), fid_limit) / 1.2), math.log10(max(v for _, v in points) * 1.2)
+    x = lambda step: pad + step / top_step * (width - 2 * pad)  # noqa: E731
+    y = lambda value: height - pad - (math.log10(value) - low) / (high - low) * (height - 2 * pad)  # noqa: E731
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    for decade in range(math.floor(low), math.ceil(high) + 1):
+        for mark in (10**decade, 2 * 10**decade, 5 * 10**decade):
+            if low <= math.log10(mark) <= high:
+                draw.line([(pad, y(mark)), (width - pad, y(mark))], fill="lightgray")
+                draw.text((8, y(mark) - 6), f"{mark:g}", fill="black")
+    draw.line([(pad, y(fid_limit)), (width - pad, y(fid_limit))], fill="gray", width=2)
+    for (backend, tag), line in lines.items():
+        if len(line) > 1:
+            draw.line([(x(s), y(v)) for s, v in line], fill=COLOURS[(backend, tag)], width=3 if tag == "eval/fid" else 2)
+    draw.text((pad, height - pad + 10), f"step (0..{top_step})", fill="black")
+    legend = "; ".join(f"{backend} {'average' if tag == 'eval/fid' else 'G'}: {COLOURS[(backend, tag)]}" for backend, tag in lines)
+    draw.text((pad, 15), f"digits-FID by step (log scale), grey: target {fid_limit:.1f}", fill="black")
+    draw.text((pad, 32), legend, fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+
+
+def sample_best(run_dir: Path, out: Path) -> str:
+    """64 samples of the run's BEST checkpoint (of either framework), through `dcgan sample`."""
+    best = (run_dir / "checkpoints" / "BEST").read_text().strip()
+    subprocess.run([sys.executable, "-m", "pipeline", "sample", "--checkpoint", str(run_dir / "checkpoints" / best),
+                    "--num", "64", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow"], choices=["torch", "tensorflow"])
     parser.add_argument("--budget-s", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/quality.json"))
+    parser.add_argument("--pictures", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     from pipeline import config
 
@@ -113,7 +167,9 @@ def main() -> None:
         ran = train(config_path, runs, args.budget_s)
         curve = curves(runs / cfg.run.name / "tb" / "eval", ran.pop("started"))
         verdict = judge(curve, fid_limit, args.budget_s)
-        result["runs"][backend] = {"config": str(config_path.relative_to(ROOT)), **ran, **verdict, "curve": curve}
+        best = sample_best(runs / cfg.run.name, args.pictures / f"quality-samples-{backend}.png")
+        result["runs"][backend] = {"config": str(config_path.relative_to(ROOT)), **ran, **verdict, "best_checkpoint": best,
+                                   "curve": curve}  # fmt: skip
         print(f"\n{backend} ({config_path.name}): {ran['seconds']} s, exit {ran['exit_code']}")
         print(f"{'step':>6} {'s':>6} {'fid':>9} {'fid(G)':>9} {'coverage':>8} {'kid':>9}")
         for p in curve:
@@ -122,9 +178,10 @@ def main() -> None:
                   f"{p.get('eval/kid', float('nan')):>9.2f}")  # fmt: skip
         met = verdict["first_met"]
         print(f"target met: {verdict['target_met']}" + (f" at step {met['step']} after {met['seconds']} s" if met else ""))
+    plot_fid(result["runs"], fid_limit, args.pictures / "quality-fid.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and the pictures in {args.pictures}")
 
 
 if __name__ == "__main__":
