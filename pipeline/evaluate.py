@@ -133,10 +133,9 @@ def nearest_grid(evaluator: Any, samples: np.ndarray, cfg: config.Config) -> np.
 
     from pipeline.data.shards import ShardedImages
     from pipeline.images import make_grid
-    from pipeline.quality.evaluator import real_subset
 
     images = ShardedImages(local_prepared_dir(cfg.data))
-    indices = real_subset(len(images), cfg.eval.num_real or len(images))
+    indices = evaluator.real_indices  # the images behind evaluator.real, row for row
     features, _ = evaluator.extractor.embed(samples)
     distances = torch.cdist(torch.from_numpy(features), torch.from_numpy(evaluator.real))
     closest = distances.topk(NEAREST_SHOWN, largest=False).indices.numpy()

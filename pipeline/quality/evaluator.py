@@ -47,8 +47,11 @@ class Evaluator:
         self.cache = Path(prepared_dir) / CACHE_DIR
         self.extractor: Extractor = make_extractor(cfg, Path(prepared_dir), device)
         images = ShardedImages(Path(prepared_dir))
+        # The real images the scores compare with: evenly spread, eval.num_real of them (all by default).
+        self.real_indices = real_subset(len(images), cfg.eval.num_real or len(images))
         with node_lock(self.cache.parent / f".{CACHE_DIR}.lock"):  # ranks and jobs of a node share it
             self.real = self._real_features(images)
+        self.real_stats = None  # their mean and covariance, at the first bootstrap
         self.reference = {
             "prepared_sha256": _prepared_digest(Path(prepared_dir)),
             "source": cfg.data.source,
@@ -58,11 +61,10 @@ class Evaluator:
         }
 
     def _real_features(self, images: ShardedImages) -> np.ndarray:
-        count = self.cfg.eval.num_real or len(images)
-        path = self.cache / f"real-{self.extractor.name}-{min(count, len(images))}.npy"
+        path = self.cache / f"real-{self.extractor.name}-{len(self.real_indices)}.npy"
         if path.is_file():
             return np.load(path)
-        features, _ = self.extractor.embed(images.gather(real_subset(len(images), count)))
+        features, _ = self.extractor.embed(images.gather(self.real_indices))
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(path.name + ".tmp")
         with open(staging, "wb") as handle:
@@ -83,7 +85,8 @@ class Evaluator:
                   tb.TAG_EVAL_KID_STD: kid_std}  # fmt: skip
         resamples = self.cfg.eval.bootstrap if bootstrap is None else bootstrap
         if resamples:
-            scores[tb.TAG_EVAL_FID_STD] = metrics.frechet_distance_std(self.real, features, resamples)
+            self.real_stats = self.real_stats or metrics.gaussian(self.real)
+            scores[tb.TAG_EVAL_FID_STD] = metrics.frechet_distance_std(self.real, features, resamples, real_stats=self.real_stats)
         if "precision_recall" in extra:
             scores[tb.TAG_EVAL_PRECISION], scores[tb.TAG_EVAL_RECALL] = metrics.precision_recall(self.real, features)
         if "mifid" in extra:

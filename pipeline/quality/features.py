@@ -32,7 +32,7 @@ class DigitsFeatures:
     """The digits classifier's penultimate layer, and its class probabilities."""
 
     classifies = True
-    batch = 1000
+    batch = 250
 
     def __init__(self, weights: Path, device: str):
         digest = sha256_file(weights)

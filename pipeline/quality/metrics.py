@@ -8,6 +8,7 @@ pass-through module and the features themselves.
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,15 +53,24 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     return float(metric.compute())
 
 
-def frechet_distance_std(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int = 0) -> float:
+def gaussian(features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of (N, D) features, in float64: what the Frechet distance compares."""
+    values = _as_double(features)
+    return values.mean(dim=0), torch.cov(values.T)
+
+
+def frechet_distance_std(
+    real: np.ndarray, fake: np.ndarray, resamples: int, seed: int = 0, real_stats: Optional[tuple] = None
+) -> float:
     """The noise of `frechet_distance(real, fake)` from the finite generated set: the std of the
     FID over `resamples` bootstrap resamples (with replacement) of the generated features. The
-    real statistics are computed once; each resample goes through torchmetrics' own formula
-    (`_compute_fid`, what FrechetInceptionDistance.compute runs)."""
+    real statistics (`real_stats`, from `gaussian(real)`, when the caller keeps them) are
+    computed once; each resample goes through torchmetrics' own formula (`_compute_fid`, what
+    FrechetInceptionDistance.compute runs)."""
     from torchmetrics.image.fid import _compute_fid
 
-    real_t, fake_t = _as_double(real), _as_double(fake)
-    mu_real, sigma_real = real_t.mean(dim=0), torch.cov(real_t.T)
+    mu_real, sigma_real = real_stats if real_stats is not None else gaussian(real)
+    fake_t = _as_double(fake)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
