@@ -127,7 +127,10 @@ class ModelSection(_Section):
 class TrainSection(_Section):
     steps: int = Field(2000, gt=0, description="Optimizer steps of D and G (one global batch each).")
     global_batch_size: int = Field(64, gt=0, description="Images per step summed over all ranks.")
-    lr: float = Field(2.0e-4, gt=0, description="Adam learning rate for both networks.")
+    lr: float = Field(2.0e-4, gt=0, description="Adam learning rate of G, and of D unless lr_d is set.")
+    lr_d: Optional[float] = Field(
+        None, gt=0, description="D's own Adam learning rate (two time-scale update rule, TTUR); default: lr."
+    )
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (DCGAN paper: 0.5).")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     seed: int = Field(0, ge=0, description="Seeds init, data shuffle (shared) and noise (per rank).")
@@ -150,6 +153,10 @@ class TrainSection(_Section):
     max_failures: int = Field(
         0, ge=0, description="Ray runner: restarts of the worker group from the last checkpoint before giving up."
     )
+
+    @property
+    def discriminator_lr(self) -> float:
+        return self.lr if self.lr_d is None else self.lr_d
 
     @model_validator(mode="before")
     @classmethod

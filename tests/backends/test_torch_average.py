@@ -103,3 +103,17 @@ def test_standing_statistics_are_those_of_the_average_on_fresh_latents_and_leave
     plain.netG.load_state_dict(backend.netG.state_dict())
     plain.netG_ema.module.load_state_dict(net.state_dict())
     assert not np.array_equal(backend.generate(z[:16]), plain.generate(z[:16]))
+
+
+def test_d_has_its_own_learning_rate_and_a_resume_takes_the_configs_rates(tmp_path: Path):
+    """train.lr_d (TTUR): D's Adam has its own rate; a resume with other rates (a sweep's PBT
+    perturbation) trains on with the config's, not the checkpoint's."""
+    backend = TorchBackend(small_config(tmp_path, train={"lr": 1e-4, "lr_d": 4e-4}), LOCAL)
+    backend.train_step(batch(1), 1)
+    assert [g["lr"] for g in backend.optG.param_groups] == [1e-4]
+    assert [g["lr"] for g in backend.optD.param_groups] == [4e-4]
+    backend.save(tmp_path)
+    resumed = TorchBackend(small_config(tmp_path, train={"lr": 3e-4}), LOCAL)
+    resumed.load(tmp_path)
+    assert [g["lr"] for g in resumed.optG.param_groups] == [3e-4]
+    assert [g["lr"] for g in resumed.optD.param_groups] == [3e-4]  # lr_d unset: D follows lr

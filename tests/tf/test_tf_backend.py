@@ -169,3 +169,14 @@ def test_mixed_precision_policies_keep_float32_weights_and_outputs(tmp_path: Pat
     assert float(backend.optG.dynamic_scale.numpy()) == scale  # a dynamic loss scale under fp16 only
     losses = _train(backend, cfg, 3)
     assert all(np.isfinite(list(step.values())).all() and step["nonfinite"] == 0 for step in losses)
+
+
+def test_d_has_its_own_learning_rate_and_a_resume_takes_the_configs_rates(tmp_path: Path):
+    cfg = _with_backend(tmp_path, train={"lr": 1e-4, "lr_d": 4e-4})
+    backend = TFBackend(cfg, LOCAL, tf.distribute.OneDeviceStrategy(SINGLE))
+    _train(backend, cfg, 1)
+    assert np.isclose(float(backend.optG.learning_rate), 1e-4) and np.isclose(float(backend.optD.learning_rate), 4e-4)
+    path = CheckpointManager(tmp_path / "ckpt", keep=2).save(1, backend.save, {"framework": "tensorflow", "world_size": 1, "config": cfg.to_dict()}).path
+    resumed = TFBackend(_with_backend(tmp_path, train={"lr": 3e-4}), LOCAL, tf.distribute.OneDeviceStrategy(SINGLE))
+    resumed.load(path)
+    assert np.isclose(float(resumed.optG.learning_rate), 3e-4) and np.isclose(float(resumed.optD.learning_rate), 3e-4)

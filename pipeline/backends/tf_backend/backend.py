@@ -37,8 +37,8 @@ _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16
 STATE_PREFIX = "tf_state"  # tf.train.Checkpoint writes tf_state.index + tf_state.data-*
 
 
-def _adam(cfg: Config, fp16: bool) -> keras.optimizers.Optimizer:
-    adam = keras.optimizers.Adam(cfg.train.lr, cfg.train.beta1, cfg.train.beta2, epsilon=1e-8)  # torch's eps
+def _adam(cfg: Config, lr: float, fp16: bool) -> keras.optimizers.Optimizer:
+    adam = keras.optimizers.Adam(lr, cfg.train.beta1, cfg.train.beta2, epsilon=1e-8)  # torch's eps
     if fp16:  # a dynamic loss scale, as torch's GradScaler keeps
         return keras.optimizers.LossScaleOptimizer(adam, initial_scale=2.0**16, dynamic_growth_steps=2000)
     # Otherwise an initial scale of 1 (exact) and no growth: the wrapper is here for its
@@ -83,7 +83,7 @@ class TFBackend:
             if model.g_ema_decay:
                 self.netG_ema = build_generator(model.nz, model.ngf, data.channels, data.image_size, seed, sync, policy)
                 self.netG_ema.set_weights(self.netG.get_weights())
-            self.optG, self.optD = _adam(cfg, self.fp16), _adam(cfg, self.fp16)
+            self.optG, self.optD = _adam(cfg, cfg.train.lr, self.fp16), _adam(cfg, cfg.train.discriminator_lr, self.fp16)
             self.optG.build(self.netG.trainable_variables)  # slots inside the scope (docs/ARCHITECTURE.md, traps)
             self.optD.build(self.netD.trainable_variables)
             fixed = np.random.default_rng(ctx.fixed_noise_seed(cfg.train.seed)).standard_normal(
@@ -286,8 +286,9 @@ class TFBackend:
         else:  # a checkpoint without an average (EMA switched on later): the average starts from G
             self.state_without_average.read(prefix).assert_existing_objects_matched().expect_partial()
             self.netG_ema.set_weights(self.netG.get_weights())
-        for optimizer in (self.optG, self.optD):  # the config's rate, not the saved one: a resume may change it
-            optimizer.learning_rate.assign(self.cfg.train.lr)
+        # The config's rates, not the saved ones: a resume may change them.
+        for optimizer, lr in ((self.optG, self.cfg.train.lr), (self.optD, self.cfg.train.discriminator_lr)):
+            optimizer.learning_rate.assign(lr)
 
     def export_weights(self) -> dict[str, np.ndarray]:
         averaged = weights.to_neutral(self.netG_ema, NEUTRAL_AVERAGE) if self.netG_ema is not None else {}

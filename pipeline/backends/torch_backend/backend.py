@@ -67,9 +67,13 @@ class TorchBackend:
         self.trainD = self.parallel.wrap(self.netD, model.sync_batchnorm, self.compiled)
         # fused=True: given the scaler's found_inf, the fused kernel skips a step on the device,
         # which keeps the non-finite guard free of host syncs (see _step).
-        adam = dict(lr=train.lr, betas=(train.beta1, train.beta2), fused=True)
-        self.optG = self.parallel.distributed_optimizer(torch.optim.Adam(self.netG.parameters(), **adam), self.netG)
-        self.optD = self.parallel.distributed_optimizer(torch.optim.Adam(self.netD.parameters(), **adam), self.netD)
+        adam = dict(betas=(train.beta1, train.beta2), fused=True)
+        self.optG = self.parallel.distributed_optimizer(
+            torch.optim.Adam(self.netG.parameters(), lr=train.lr, **adam), self.netG
+        )
+        self.optD = self.parallel.distributed_optimizer(
+            torch.optim.Adam(self.netD.parameters(), lr=train.discriminator_lr, **adam), self.netD
+        )
         self.precision = resolve_precision(train.precision, self.device)
         self.fp16 = self.precision.name == "fp16"
         # Under fp16 a dynamic loss scale. Otherwise the scale stays exactly 1 (update(1.0) in
@@ -263,10 +267,11 @@ class TorchBackend:
         optimizers = read(OPTIMIZERS_FILE)
         self.optG.load_state_dict(optimizers["generator"])
         self.optD.load_state_dict(optimizers["discriminator"])
-        for optimizer in (self.optG, self.optD):
+        train = self.cfg.train
+        for optimizer, lr in ((self.optG, train.lr), (self.optD, train.discriminator_lr)):
             _match_parameter_layout(optimizer)
             for group in optimizer.param_groups:  # the config's rates, not the saved ones: a resume may change them
-                group.update(lr=self.cfg.train.lr, betas=(self.cfg.train.beta1, self.cfg.train.beta2))
+                group.update(lr=lr, betas=(train.beta1, train.beta2))
         if self.fp16:  # otherwise the scale is always 1
             self.scaler.load_state_dict(optimizers["scaler"])
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
