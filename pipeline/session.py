@@ -79,7 +79,8 @@ class TrainingSession:
         # interrupted line logged past its start.
         self.eval_writer = tb.open_eval_writer(self.run_dir, purge_step) if cfg.eval.every and ctx.is_chief else None
         if start is None:
-            self.writer.hparams(tb.flat_hparams(cfg.to_dict()), {tag: 0.0 for tag in tb.SCALAR_TAGS})
+            scores = {tag: tb.EVAL_RUN for tag in (tb.TAG_EVAL_FID, tb.TAG_EVAL_FID_STD)} if cfg.eval.every else {}
+            self.writer.hparams(tb.flat_hparams(cfg.to_dict()), {**dict.fromkeys(tb.SCALAR_TAGS, ""), **scores})
         self.progress = progress or make_progress(ctx.is_chief)
 
         def on_checkpoint_synced(step: int, saved: Optional[CheckpointInfo], metrics: dict[str, float]) -> None:

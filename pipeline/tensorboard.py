@@ -58,7 +58,7 @@ class NullWriter:
     def text(self, tag: str, step: int, text: str) -> None:
         pass
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, str]) -> None:
         pass
 
     def flush(self) -> None:
@@ -94,11 +94,21 @@ class EventWriter(NullWriter):
     def text(self, tag: str, step: int, text: str) -> None:
         self._writer.add_text(tag, text, step)
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Into this run's own event file (add_hparams would open a second run directory)."""
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, str]) -> None:
+        """Into this run's own event file (add_hparams would open a second run directory).
+        `metrics`: the HParams dashboard's metric columns, tag -> the run below this one that
+        holds it ("" = this run, EVAL_RUN = the eval/* scores). Pointed at a parent directory
+        (a sweep's trials), the dashboard compares the runs below it."""
+        from tensorboardX.proto.api_pb2 import MetricInfo, MetricName
+        from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
         from tensorboardX.summary import hparams as hparams_summary
 
-        experiment, start, end = hparams_summary(dict(hparams), dict(metrics))
+        experiment, start, end = hparams_summary(dict(hparams), dict.fromkeys(metrics, 0.0))
+        plugin = experiment.value[0].metadata.plugin_data
+        data = HParamsPluginData.FromString(plugin.content)
+        del data.experiment.metric_infos[:]
+        data.experiment.metric_infos.extend(MetricInfo(name=MetricName(tag=tag, group=group)) for tag, group in metrics.items())
+        plugin.content = data.SerializeToString()
         for summary in (experiment, start, end):
             self._writer.file_writer.add_summary(summary)
 

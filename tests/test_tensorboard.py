@@ -67,3 +67,17 @@ def test_flat_hparams():
         "train.amp": False,
         "data.classes": "['a']",
     }
+
+
+def test_hparams_name_the_run_below_that_holds_each_metric(tmp_path: Path):
+    """The HParams dashboard finds eval/fid in <run>/tb/eval: its metric names that group."""
+    from tensorboard.plugins.hparams import metadata
+
+    writer = tb.open_writer(tmp_path, is_chief=True)
+    writer.hparams({"train.lr": 2e-4, "model.ngf": 8}, {tb.TAG_LOSS_D: "", tb.TAG_EVAL_FID: tb.EVAL_RUN})
+    writer.close()
+    content = _accumulator(tmp_path / "tb").PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [(m.name.tag, m.name.group) for m in experiment.metric_infos] == [("loss/d", ""), ("eval/fid", "eval")]
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["train.lr"].number_value == 2e-4
