@@ -341,7 +341,7 @@ class CheckpointManager:
         complete = self.complete_steps()
         best = self.best_name()
         for old in complete[self.keep :] if self.keep is not None else []:
-            if old != best and not self._evaluation_pending(old):
+            if old != best and not self.evaluation_pending(old):
                 self.location.delete(old)
         for name in self.location.list():
             if name.startswith("step-") and name.endswith(".tmp"):
@@ -349,7 +349,7 @@ class CheckpointManager:
             elif not self.location.is_local and _STEP_DIR.match(name) and name not in complete:
                 self.location.delete(name)  # an upload cut short: no manifest, never read
 
-    def _evaluation_pending(self, name: str) -> bool:
+    def evaluation_pending(self, name: str) -> bool:
         """Its scores are still to come: written for evaluation apart, unscored, and by this
         manager's job (a pending evaluation of an ended job will never come: Ray's pending
         validations end with their fit)."""

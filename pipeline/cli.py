@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                                "(with --out; one checkpoint)")  # fmt: skip
     evaluate.add_argument("--out", type=Path, default=None, metavar="PNG", help="where --nearest writes its grid")
 
+    sweep = commands.add_parser("sweep", help="hyperparameter sweep on FID with Ray Tune: each trial a whole job")
+    _add_config_args(sweep)
+    sweep.add_argument("--space", type=Path, required=True, metavar="S.yaml",
+                       help="config fields -> distributions, e.g. train.lr: {loguniform: [1.0e-4, 1.0e-3]} "
+                            "(choice, uniform, loguniform, grid)")  # fmt: skip
+    sweep.add_argument("--trials", type=int, default=1, metavar="N",
+                       help="samples of the space (each repeats every grid combination; default 1)")  # fmt: skip
+    sweep.add_argument("--scheduler", choices=["asha", "pbt", "none"], default="asha",
+                       help="asha: stop trials whose FID trails; pbt: copy better trials' checkpoints into worse ones "
+                            "and perturb the learning rates; none: run every trial to its end")  # fmt: skip
+    sweep.add_argument("--max-concurrent", type=int, default=None, metavar="K",
+                       help="trials at a time (default: as many as the cluster holds the workers of)")  # fmt: skip
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the interrupted sweep in <runs>/<run.name> (finished trials are not rerun)")  # fmt: skip
+
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint directory (path or URI)")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
@@ -282,6 +297,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep.run import run_sweep
+
+    summary = run_sweep(args.config, args.space, args.overrides, args.trials, args.scheduler, args.max_concurrent, args.resume)
+    return 0 if summary["best_checkpoint"] else EXIT_FAILED
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from pipeline import config
     from pipeline.ray_runner.doctor import run_checks
@@ -299,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "prepare": _prepare, "sample": _sample, "convert": _convert, "export": _export, "evaluate": _evaluate,
-                "doctor": _doctor}
+                "doctor": _doctor, "sweep": _sweep}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError) as err:

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -69,10 +70,11 @@ class RunFailed(RuntimeError):
     """The Ray job ended without finishing; the message says why and what to do."""
 
 
-def _connect(job: Job) -> None:
+def connect(cfg: Config, wanted_cpus: Optional[float] = None) -> None:
+    """Join runtime.ray_address's cluster, or start a local Ray with at least `wanted_cpus`
+    logical CPUs (default: what one job's workers and evaluations reserve)."""
     import ray
 
-    cfg = job.cfg
     trainer = ray_trainer(cfg)
     env = _job_env(trainer)
     if ray.is_initialized():
@@ -92,8 +94,7 @@ def _connect(job: Job) -> None:
     # the workers even on a smaller machine, as Ray Train will not start them otherwise.
     # address="local": never the cluster another program started on this machine, which
     # ray.init() would otherwise find through /tmp/ray/ray_current_cluster.
-    wanted = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
-                       + (cfg.eval.resources.cpus if evaluates_apart(cfg) else 0))  # fmt: skip
+    wanted = math.ceil(job_cpus(cfg) if wanted_cpus is None else wanted_cpus)
     ray.init(
         address="local",
         num_cpus=max(available_cpus(), wanted),
@@ -102,6 +103,11 @@ def _connect(job: Job) -> None:
         logging_level=logging.WARNING,
         runtime_env=runtime_env,
     )
+
+
+def job_cpus(cfg: Config) -> float:
+    """The logical CPUs one job reserves: its workers', and its evaluation task's when apart."""
+    return cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + (cfg.eval.resources.cpus if evaluates_apart(cfg) else 0)
 
 
 def check_room_for_evaluation(cfg: Config) -> None:
@@ -158,7 +164,7 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
 
     A SIGTERM to this driver (`ray job stop`) asks the ranks to stop: they agree on a step,
     checkpoint there and return, and this raises Preempted."""
-    _connect(job)
+    connect(job.cfg)
     check_room_for_evaluation(job.cfg)
     run_dir = storage.location(job.run_address)
     # Every worker reads these back before its first step (pipeline.ray_runner.probes).
@@ -169,13 +175,17 @@ def run(job: Job, train_fn: Optional[Callable] = None) -> dict[str, Any]:
     def ask_the_ranks_to_stop(signum, frame) -> None:
         run_dir.write_text(STOP_FILE, f"SIGTERM to the driver, pid {os.getpid()}\n")
 
-    previous = signal.signal(signal.SIGTERM, ask_the_ranks_to_stop)
+    # Only a main thread may handle signals; a sweep's trial runs its job in another, and is
+    # stopped through the STOP file.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, ask_the_ranks_to_stop) if in_main_thread else None
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker exceptions; say what failed and what to do
         raise RunFailed(_explain(err, job)) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         remove_probes(probes)
         _remove_fit_pointers(run_dir)
     metrics = dict(result.metrics or {})

@@ -52,7 +52,10 @@ def validation_config(cfg: Config):
     return ValidationConfig(
         fn=evaluate_apart,
         task_config=ValidationTaskConfig(fn_kwargs={"device": device}),
-        ray_remote_kwargs={"num_cpus": cfg.eval.resources.cpus, "num_gpus": cfg.eval.resources.gpus},
+        # "DEFAULT": scheduled on the cluster, never inside the placement group of whatever
+        # started the job (a sweep's Tune trial holds one sized for its driver alone).
+        ray_remote_kwargs={"num_cpus": cfg.eval.resources.cpus, "num_gpus": cfg.eval.resources.gpus,
+                           "scheduling_strategy": "DEFAULT"},
     )
 
 

@@ -1,0 +1,155 @@
+"""One trial of a sweep: a whole job of ours, run by a Tune trainable.
+
+The trainable is the trial's driver (Ray's pattern for Train inside Tune): it plans the job
+(pipeline.job, with the trial's own run directory and lease) and runs it through the Ray
+runner, whose Trainer starts the trial's `scaling.num_workers` workers with their own
+resources; the trainable itself reserves none. The job runs in a thread; `step` returns each
+scored checkpoint to Tune in step order, as the evaluations land (in-line, or apart as Ray's
+checkpoint validation): eval/fid, its std and its card key, which the schedulers read.
+
+Tune's checkpoints of a trial are pointers to ours (`pointer.json`: the address of the
+checkpoint last reported). PBT's exploit restores a worse trial from a better one's pointer: the
+job then resumes from that checkpoint with the trial's new (perturbed) config, whose learning
+rates the backends take over the checkpoint's. A trial Tune stops (ASHA, an exploit, the end
+of the sweep) is asked through its run's STOP file: the ranks agree on a step, checkpoint
+there and return, and the lease is released, so a later start of the trial takes the run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import tune
+
+from pipeline import storage
+from pipeline import tensorboard as tb
+from pipeline.checkpoint import CheckpointManager, step_dir_name
+from pipeline.config import Config
+from pipeline.stopping import STOP_FILE, Preempted
+from pipeline.sweep.schedulers import CARD_KEY, TIME_ATTR
+from pipeline.sweep.space import trial_config
+
+log = logging.getLogger(__name__)
+
+POINTER = "pointer.json"
+CHECKPOINT = "checkpoint"  # a result's address of the checkpoint it scores
+POLL_SECONDS = 0.5
+STOP_WAIT_SECONDS = 600  # how long a stopped trial's ranks get to checkpoint and return
+
+
+def trial_run_config(sweep: Config, values: dict[str, Any], trials_root: str, trial_id: str) -> Config:
+    """The trial's config: the sweep's with the trial's values, run under <sweep>/trials/<trial_id>."""
+    cfg = trial_config(sweep, values)
+    cfg.runtime.storage_path = trials_root
+    cfg.run.name = trial_id
+    return cfg
+
+
+class Trial(tune.Trainable):
+    def setup(self, config: dict[str, Any], sweep: Optional[dict[str, Any]] = None, trials_root: str = "") -> None:
+        from pipeline import config as config_module
+
+        self.cfg = trial_run_config(config_module.validate(sweep, "the sweep's config"), config, trials_root, self.trial_id)
+        self.run_address = self.cfg.run_address
+        self.checkpoints = CheckpointManager(storage.join(self.run_address, "checkpoints"), None)
+        self.start_from: Optional[str] = None  # another trial's checkpoint (PBT)
+        self.reported_step, self.reported_address = 0, None
+        self.last_result: dict[str, Any] = {tb.TAG_EVAL_FID: float("nan")}
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        pointer = json.loads((Path(checkpoint_dir) / POINTER).read_text())
+        self.reported_step, self.reported_address = pointer["step"], pointer["checkpoint"]
+        if not pointer["checkpoint"].startswith(self.run_address.rstrip("/") + "/"):
+            self.start_from = pointer["checkpoint"]  # an exploit: start from the better trial's
+            log.info("trial %s starts from %s with %s", self.trial_id, self.start_from, self.config)
+        # Else its own: the job resumes from its run's newest checkpoint by itself.
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        pointer = {"checkpoint": self.reported_address, "step": self.reported_step, "run": self.run_address}
+        (Path(checkpoint_dir) / POINTER).write_text(json.dumps(pointer))
+        return checkpoint_dir
+
+    def step(self) -> dict[str, Any]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run_job, name=f"trial-{self.trial_id}", daemon=True)
+            self.thread.start()
+        while True:
+            finished = not self.thread.is_alive()  # read first: what it wrote before ending is then seen
+            result = self._next_scored()
+            if result is not None:
+                return result
+            if finished:
+                if self.error is not None:
+                    raise self.error
+                # The last score again (Tune wants its metric in every result), at the final step.
+                latest = self.checkpoints.latest_name()
+                end = max(self.reported_step, int(latest.removeprefix("step-")) if latest else 0)
+                return {**self.last_result, TIME_ATTR: end, "done": True}
+            time.sleep(POLL_SECONDS)
+
+    def cleanup(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            return
+        storage.location(self.run_address).write_text(STOP_FILE, f"stopped by the sweep's scheduler (trial {self.trial_id})\n")
+        self.thread.join(STOP_WAIT_SECONDS)
+        if self.thread.is_alive():
+            log.warning("trial %s: its ranks did not stop within %d s", self.trial_id, STOP_WAIT_SECONDS)
+
+    def _run_job(self) -> None:
+        from pipeline import ray_runner
+        from pipeline.job import StartOptions, plan
+        from pipeline.lease import RunLease
+        from pipeline.preflight import check_before_writing
+
+        try:
+            check_before_writing(self.cfg)
+            with RunLease(storage.location(self.cfg.runs_root), self.cfg.run.name) as lease:
+                job = plan(self.cfg, StartOptions(resume=self.start_from), None, lease.token)
+                # Only this job's pending evaluations will come: older ones ended with their fit.
+                self.checkpoints = CheckpointManager(self.checkpoints.location, None, job=job.id)
+                ray_runner.run(job)
+        except Preempted:
+            log.info("trial %s stopped at a checkpoint", self.trial_id)
+        except BaseException as err:  # the trial fails with it (step raises it), the sweep goes on
+            self.error = err
+
+    def _next_scored(self) -> Optional[dict[str, Any]]:
+        """The oldest checkpoint past the last reported one that has its scores, as a result;
+        None while there is none, or an older one's evaluation is still pending (results go
+        to Tune in step order)."""
+        for name in sorted(self.checkpoints.complete_steps()):
+            step = int(name.removeprefix("step-"))
+            if step <= self.reported_step:
+                continue
+            record = self.checkpoints.scores(name)
+            if record is None:
+                if self.checkpoints.evaluation_pending(name):
+                    return None
+                continue  # not an evaluation step, or its evaluation failed
+            if record.get("error"):
+                continue
+            self.reported_step = step
+            self.reported_address = storage.join(self.run_address, f"checkpoints/{step_dir_name(step)}")
+            self.last_result = _result(step, record, self.reported_address)
+            return self.last_result
+        return None
+
+
+def _result(step: int, record: dict[str, Any], address: str) -> dict[str, Any]:
+    scores = {k: float(v) for k, v in (record.get("scores") or {}).items() if isinstance(v, (int, float))}
+    score = record.get("score")
+    return {
+        **scores,
+        TIME_ATTR: step,
+        tb.TAG_EVAL_FID: float(score) if score is not None else float("nan"),
+        tb.TAG_EVAL_FID_STD: float(record.get("score_std") or 0.0),
+        CARD_KEY: record.get("card_key"),
+        CHECKPOINT: address,
+    }
