@@ -2,7 +2,8 @@
 
     <run>/checkpoints/
         step-00001200/          complete: every file written, manifest.json written last
-            manifest.json       step, framework, world size, config, sha256 of every file
+            manifest.json       step, framework, world size, config, sha256 of every file,
+                                the job that wrote it and the checkpoint that job started from
             ...                 whatever the backend and the loop wrote
         step-00001200.tmp/      in progress (or left by a crash): never read
         LATEST                  name of the newest complete checkpoint, replaced whole
@@ -223,14 +224,16 @@ class CheckpointManager:
         keep: Optional[int],
         job: Optional[str] = None,
         best_margin: float = 0.0,
+        started_from: Optional[str] = None,
     ):
         """keep=None: never delete complete checkpoints. `job`: recorded in every manifest this
         manager writes, so a job can tell its own checkpoints from older ones. `best_margin`:
         how many standard deviations of the difference (eval.best_margin) a score must beat
-        BEST's by to take its place."""
+        BEST's by to take its place. `started_from`: the checkpoint the job started from (a
+        resume, or another run's: a sweep's PBT exploit), recorded in every manifest it writes."""
         assert keep is None or keep >= 2, "keep >= 2 is enforced by the config"
         self.location = directory if isinstance(directory, Location) else storage.location(directory)
-        self.keep, self.job, self.best_margin = keep, job, best_margin
+        self.keep, self.job, self.best_margin, self.started_from = keep, job, best_margin, started_from
 
     @property
     def directory(self) -> str:
@@ -250,6 +253,8 @@ class CheckpointManager:
         and retention keeps it until they have."""
         name = step_dir_name(step)
         metadata = {**metadata, "job": self.job} if self.job else metadata
+        if self.started_from:
+            metadata["started_from"] = self.started_from
         score = Score(score) if isinstance(score, (int, float)) else score
         if score is not None:
             metadata.update(score.record())

@@ -52,7 +52,8 @@ class TrainingSession:
                 f"(train.global_batch_size={cfg.train.global_batch_size})"
             )
         self.checkpoints = CheckpointManager(
-            self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id, cfg.eval.best_margin
+            self.run_files.location.child("checkpoints"), cfg.checkpoint.keep, job_id, cfg.eval.best_margin,
+            started_from=start.address if start is not None else None,
         )
         self.backend: Backend = create_backend(cfg, ctx)  # may refuse the devices or the batch split
         self.quality = None  # the chief alone evaluates in-line; may refuse a missing weights file

@@ -2,6 +2,7 @@
 
     <runs>/<run.name>/          the sweep's directory (path or URI), under its own lease
         space.yaml              the space it was started with
+        asha-rungs.json         ASHA's rungs, which a resumed sweep judges against
         tune/                   Tune's experiment: what `--resume` restores
         trials/<trial>/         each trial's run directory: checkpoints, BEST, tb/ (TensorBoard
                                 pointed at trials/ shows every trial, and their HParams)
@@ -27,7 +28,7 @@ from pipeline.sweep.space import LEARNING_RATES, Dimension, load_space, perturbe
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("asha", "pbt", "none")
-TUNE_DIR, TRIALS_DIR, SPACE_FILE = "tune", "trials", "space.yaml"
+TUNE_DIR, TRIALS_DIR, SPACE_FILE, ASHA_STATE = "tune", "trials", "space.yaml", "asha-rungs.json"
 # What a trial's driver reserves: it only waits on its Ray Trainer (Tune refuses an empty
 # request). The workers reserve their own.
 DRIVER_CPUS = 0.01
@@ -69,8 +70,12 @@ def run_sweep(
                           "or --set run.name=NEW for a new one")  # fmt: skip
     with RunLease(storage.location(cfg.runs_root), cfg.run.name):
         ensure_prepared(cfg.data)  # once, before the trials start
+        _store_digits_classifier(cfg)
         if not resume:
             sweep_dir.write_text(SPACE_FILE, Path(space_path).read_text())
+        if scheduler == "pbt" and max_concurrent is None:
+            # A population trains side by side: PBT compares trials at the same step.
+            max_concurrent = trials * math.prod(len(d.values) for d in dimensions if d.kind == "grid")
         concurrent = _connect(cfg, max_concurrent)
         grid = _tuner(cfg, dimensions, trials, scheduler, concurrent, resume).fit()
         summary = _summarize(cfg, grid)
@@ -78,6 +83,17 @@ def run_sweep(
     results.write(cfg.run_address, summary, title)
     results.print_table(summary, title)
     return summary
+
+
+def _store_digits_classifier(cfg: Config) -> None:
+    """The digits classifier, trained once beside the prepared set before the trials start:
+    otherwise the trials' first evaluations wait on one another for it, and ASHA's first rung
+    comes late (the other extractor, Inception, needs no training)."""
+    if cfg.eval.resolved_extractor(cfg.data.source) == "digits":
+        from pipeline.data import local_prepared_dir
+        from pipeline.quality.digits import reference_weights
+
+        reference_weights(cfg.data.resolved_prepared_dir(), local_prepared_dir(cfg.data))
 
 
 def _connect(cfg: Config, max_concurrent: Optional[int]) -> int:
@@ -103,6 +119,10 @@ def _tuner(cfg: Config, dimensions: list[Dimension], trials: int, scheduler: str
     # Each trial writes its own TensorBoard run; of Tune's loggers only the results file
     # (what the result grid reads back) is kept.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's snapshot of which trials finished (what --resume reads) every 5 s, not every 10+:
+    # it is a few kilobytes. A finished trial that a snapshot missed is restarted by a resume,
+    # and its job, at its last step already, returns without training.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -144,7 +164,8 @@ def _scheduler(cfg: Config, dimensions: list[Dimension], name: str):
     if name == "asha":
         # Rungs at the evaluation steps 1, 2, 4, ... x eval.every: a trial is first judged at
         # its first score, and continues while it stays in the better half.
-        return NoiseAwareASHA(max_t=cfg.train.steps, grace_period=cfg.eval.every, reduction_factor=2, margin=cfg.eval.best_margin)
+        return NoiseAwareASHA(max_t=cfg.train.steps, grace_period=cfg.eval.every, reduction_factor=2,
+                              margin=cfg.eval.best_margin, state=(storage.location(cfg.run_address), ASHA_STATE))  # fmt: skip
     if name == "pbt":
         return NoiseAwarePBT(perturbation_interval=cfg.eval.every, hyperparam_mutations=perturbed(dimensions),
                              margin=cfg.eval.best_margin, seed=cfg.train.seed)  # fmt: skip
@@ -157,7 +178,8 @@ def _summarize(cfg: Config, grid) -> dict[str, Any]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
+        trial_id = Path(str(result.path)).name  # its directory (trial_dirname_creator); an exploited
+        # trial's metrics may be its donor's
         run = storage.join(cfg.run_address, f"{TRIALS_DIR}/{trial_id}")
         error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:200]}" if result.error else None
         rows.append(results.trial_row(trial_id, dict(result.config or {}), run, int(metrics.get(TIME_ATTR, 0)),

@@ -13,6 +13,7 @@ follows in pipeline.checkpoint):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Optional
@@ -53,11 +54,38 @@ def noise(result: dict[str, Any]) -> float:
 
 
 class NoiseAwareASHA(AsyncHyperBandScheduler):
-    def __init__(self, max_t: int, grace_period: int, reduction_factor: float = 2, margin: float = 1.0):
+    """One bracket of asynchronous successive halving. Its rungs are kept in `state` (a file
+    of the sweep's directory) after every score: Tune restores trials, not its scheduler, and a
+    resumed sweep must judge the trials left against the scores of those that finished."""
+
+    def __init__(self, max_t: int, grace_period: int, reduction_factor: float = 2, margin: float = 1.0,
+                 state: Optional[tuple[Any, str]] = None):  # fmt: skip
         super().__init__(time_attr=TIME_ATTR, metric=METRIC, mode="min", max_t=max_t, grace_period=grace_period,
-                         reduction_factor=reduction_factor)  # fmt: skip
+                         reduction_factor=reduction_factor, brackets=1)  # fmt: skip
         self.margin = margin
         self._cards = _CardCheck()
+        self._state = state  # (a pipeline.storage Location, a file name in it)
+        self._load()
+
+    def _load(self) -> None:
+        if self._state is None:
+            return
+        location, name = self._state
+        try:
+            saved = json.loads(location.read_text(name))
+        except FileNotFoundError:
+            return
+        rungs = dict(self._brackets[0]._rungs)
+        for milestone, recorded in saved["rungs"]:
+            rungs[milestone].update(recorded)
+        self._cards.card_key = saved.get("card_key")
+        log.info("ASHA's rungs restored from %s: %s", name, {m: len(r) for m, r in saved["rungs"]})
+
+    def _save(self) -> None:
+        if self._state is not None:
+            location, name = self._state
+            state = {"rungs": self._brackets[0]._rungs, "card_key": self._cards.card_key}
+            location.write_text(name, json.dumps(state))
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
         if TIME_ATTR not in result or not self._cards.comparable(trial, result):
@@ -81,6 +109,7 @@ class NoiseAwareASHA(AsyncHyperBandScheduler):
                 continue
             cutoff = bracket.cutoff(recorded)  # rewards: -FID, higher is better
             recorded[trial.trial_id] = -fid
+            self._save()
             return TrialScheduler.STOP if cutoff is not None and -(fid - tolerance) < cutoff else TrialScheduler.CONTINUE
         return TrialScheduler.CONTINUE
 

@@ -122,6 +122,14 @@ def overrides(values: dict[str, Any]) -> list[str]:
 
 
 def perturbed(dimensions: list[Dimension]) -> dict[str, Any]:
-    """PBT's mutations: the learning rates in the space, resampled from their own distribution
-    (or multiplied by 0.8 or 1.2, PBT's perturbation)."""
-    return {d.field: d.to_tune() if d.kind != "grid" else list(d.values) for d in dimensions if d.field in LEARNING_RATES}
+    """PBT's mutations: the learning rates of the space. PBT multiplies a rate by 0.8 or 1.2,
+    or draws it afresh from its range (a choice or grid of rates spans the range between its
+    ends, log-uniformly: a rate is a scale)."""
+    from ray import tune
+
+    mutations = {}
+    for d in dimensions:
+        if d.field in LEARNING_RATES:
+            low, high = min(d.values), max(d.values)
+            mutations[d.field] = d.to_tune() if d.kind in ("uniform", "loguniform") else tune.loguniform(low, high)
+    return mutations

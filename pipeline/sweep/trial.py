@@ -21,14 +21,15 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ray import tune
 
 from pipeline import storage
 from pipeline import tensorboard as tb
-from pipeline.checkpoint import CheckpointManager, step_dir_name
+from pipeline.checkpoint import CheckpointError, CheckpointManager, fetch, step_dir_name
 from pipeline.config import Config
 from pipeline.stopping import STOP_FILE, Preempted
 from pipeline.sweep.schedulers import CARD_KEY, TIME_ATTR
@@ -66,15 +67,25 @@ class Trial(tune.Trainable):
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         pointer = json.loads((Path(checkpoint_dir) / POINTER).read_text())
         self.reported_step, self.reported_address = pointer["step"], pointer["checkpoint"]
-        if not pointer["checkpoint"].startswith(self.run_address.rstrip("/") + "/"):
+        if pointer["checkpoint"] and not self._is_own(pointer["checkpoint"]):
             self.start_from = pointer["checkpoint"]  # an exploit: start from the better trial's
             log.info("trial %s starts from %s with %s", self.trial_id, self.start_from, self.config)
         # Else its own: the job resumes from its run's newest checkpoint by itself.
 
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        pointer = {"checkpoint": self.reported_address, "step": self.reported_step, "run": self.run_address}
+        """The pointer: the checkpoint last reported (what a trial exploiting this one starts
+        from). Once this actor's job has trained in the trial's own run, never a donor's: a
+        trial paused after an exploit resumes its own line, not the donor's again."""
+        address = self.reported_address
+        if self.thread is not None and (address is None or not self._is_own(address)):
+            latest = self.checkpoints.latest_name()
+            address = storage.join(self.run_address, f"checkpoints/{latest}") if latest else address
+        pointer = {"checkpoint": address, "step": self.reported_step, "run": self.run_address}
         (Path(checkpoint_dir) / POINTER).write_text(json.dumps(pointer))
         return checkpoint_dir
+
+    def _is_own(self, address: str) -> bool:
+        return address.startswith(self.run_address.rstrip("/") + "/")
 
     def step(self) -> dict[str, Any]:
         if self.thread is None:
@@ -105,13 +116,12 @@ class Trial(tune.Trainable):
     def _run_job(self) -> None:
         from pipeline import ray_runner
         from pipeline.job import StartOptions, plan
-        from pipeline.lease import RunLease
         from pipeline.preflight import check_before_writing
 
         try:
             check_before_writing(self.cfg)
-            with RunLease(storage.location(self.cfg.runs_root), self.cfg.run.name) as lease:
-                job = plan(self.cfg, StartOptions(resume=self.start_from), None, lease.token)
+            with self._lease() as lease:
+                job = plan(self.cfg, StartOptions(resume=self._donor_checkpoint()), None, lease.token)
                 # Only this job's pending evaluations will come: older ones ended with their fit.
                 self.checkpoints = CheckpointManager(self.checkpoints.location, None, job=job.id)
                 ray_runner.run(job)
@@ -119,6 +129,43 @@ class Trial(tune.Trainable):
             log.info("trial %s stopped at a checkpoint", self.trial_id)
         except BaseException as err:  # the trial fails with it (step raises it), the sweep goes on
             self.error = err
+
+    @contextmanager
+    def _lease(self) -> Iterator:
+        """The trial's run lease. Tune starts a paused or exploited trial's new actor while the
+        old one still stops (its ranks checkpoint at the STOP request, then release the
+        lease): the new one waits for that, up to the time a stop gets."""
+        from pipeline.lease import LeaseHeld, RunLease
+
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while True:
+            lease = RunLease(storage.location(self.cfg.runs_root), self.cfg.run.name)
+            try:
+                lease.acquire()
+                break
+            except LeaseHeld:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _donor_checkpoint(self) -> Optional[str]:
+        """The better trial's checkpoint an exploit named, or, when its retention has deleted
+        that one since (it trains on), its newest."""
+        if self.start_from is None:
+            return None
+        try:
+            return fetch(self.start_from).address
+        except (CheckpointError, FileNotFoundError) as err:
+            donor = CheckpointManager(self.start_from.rstrip("/").rpartition("/")[0], None).latest()
+            if donor is None:
+                raise
+            log.warning("trial %s: %s is gone (%s); starting from that trial's newest, %s",
+                        self.trial_id, self.start_from, err, donor.address)  # fmt: skip
+            return donor.address
 
     def _next_scored(self) -> Optional[dict[str, Any]]:
         """The oldest checkpoint past the last reported one that has its scores, as a result;
