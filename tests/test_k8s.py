@@ -15,8 +15,9 @@ import yaml
 from pipeline import config
 from tests.conftest import ROOT
 
-OVERLAYS = ["cpu-smoke", "gpu-8", "tensorflow", "elastic"]
-GPU_OVERLAYS = {"gpu-8", "elastic"}
+OVERLAYS = ["cpu-smoke", "gpu-8", "tensorflow", "elastic", "sweep"]
+GPU_OVERLAYS = {"gpu-8", "elastic", "sweep"}
+SWEEP_ENTRYPOINT = "dcgan sweep --config /config/run.yaml --space /config/space.yaml"
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-1.7"
 BIN = Path(sys.executable).parent
 
@@ -85,11 +86,14 @@ def test_rayjob_validates_against_the_kuberay_crd(rendered, rayjob_validator):
 
 
 def test_rayjob_runs_the_shared_entrypoint_with_its_lifecycle_set(rendered):
-    _, docs = rendered
+    overlay, docs = rendered
     job = _one(docs, "RayJob")["spec"]
-    assert job["entrypoint"] == "dcgan train --config /config/run.yaml"
+    if overlay == "sweep":  # a retry would start the sweep over: it continues with --resume instead
+        assert job["entrypoint"].startswith(SWEEP_ENTRYPOINT + " ") and job["backoffLimit"] == 0
+    else:
+        assert job["entrypoint"] == "dcgan train --config /config/run.yaml" and job["backoffLimit"] >= 1
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
-    assert job["backoffLimit"] >= 1 and job["activeDeadlineSeconds"] > 0 and job["submissionMode"] == "K8sJobMode"
+    assert job["activeDeadlineSeconds"] > 0 and job["submissionMode"] == "K8sJobMode"
     assert job["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     # A stop reaches the driver as SIGTERM; the ranks need time to checkpoint before Ray's SIGKILL.
     assert int(yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
@@ -109,8 +113,12 @@ def test_the_run_config_comes_from_configs_and_matches_the_manifest(rendered):
     )
     cluster = _one(docs, "RayJob")["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
-    assert (group["minReplicas"], group["maxReplicas"]) == (cfg.scaling.min_workers, cfg.scaling.max_workers)
-    assert group["replicas"] == cfg.scaling.max_workers
+    if overlay == "sweep":  # a whole number of trials at a time, each with its workers
+        assert group["minReplicas"] == group["maxReplicas"] == group["replicas"]
+        assert group["replicas"] % cfg.scaling.max_workers == 0 and group["replicas"] > cfg.scaling.max_workers
+    else:
+        assert (group["minReplicas"], group["maxReplicas"]) == (cfg.scaling.min_workers, cfg.scaling.max_workers)
+        assert group["replicas"] == cfg.scaling.max_workers
     # An elastic range needs pods to come and go as Ray asks: KubeRay's autoscaler.
     assert cluster.get("enableInTreeAutoscaling", False) == cfg.scaling.elastic == (overlay == "elastic")
     # ... and a restart that waits little for workers sized before a node was lost (bench/soak.py).
@@ -121,6 +129,24 @@ def test_the_run_config_comes_from_configs_and_matches_the_manifest(rendered):
     assert str(cfg.data.resolved_prepared_dir()).startswith("/data/")
     assert cfg.scaling.use_gpu == (overlay in GPU_OVERLAYS)
     assert (cfg.backend == "tensorflow") == (overlay == "tensorflow")
+
+
+def test_the_sweep_overlay_mounts_a_space_its_config_accepts(rendered, tmp_path: Path):
+    overlay, docs = rendered
+    if overlay != "sweep":
+        pytest.skip("the sweep overlay's own check")
+    from pipeline.sweep.space import load_space
+    from pipeline.sweep.run import check_sweep_config
+
+    space = _one(docs, "ConfigMap")["data"]["space.yaml"]
+    assert yaml.safe_load(space) == yaml.safe_load((ROOT / "configs/k8s/sweep/space.yaml").read_text())
+    (tmp_path / "space.yaml").write_text(space)
+    cfg = _run_config(docs)
+    dimensions = load_space(tmp_path / "space.yaml", cfg)
+    check_sweep_config(cfg, "asha", dimensions)
+    head = _pod_specs(docs)["head"]
+    (volume,) = [v for v in head["volumes"] if v["name"] == "run-config"]
+    assert {"key": "space.yaml", "path": "space.yaml"} in volume["configMap"]["items"]
 
 
 def test_every_container_is_hardened_and_bounded(rendered):

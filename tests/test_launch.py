@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import cli
+from pipeline.checkpoint import fetch
 from tests.conftest import ROOT, small_config
 from tests.ddp_harness import free_port
 from tests.helpers import write_config
@@ -207,3 +208,86 @@ def test_cluster_launcher_commands_use_no_variable_that_nothing_sets():
             assigned = set(re.findall(r"(?:^|[;\s])([A-Za-z_][A-Za-z0-9_]*)=", command))
             used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", command))
             assert used <= assigned | provided, f"{key}: {command!r} uses {used - assigned - provided}"
+
+
+def _sweep_config(tmp_path: Path, name: str, steps: int) -> tuple:
+    """Digits at 32 px on one worker a trial, scored every 50 steps by the trial's chief
+    (in-line: the score is in the checkpoint's manifest at once, so a stop lands within a few
+    steps; tests/test_sweep.py sweeps with evaluations apart)."""
+    return _job_config(
+        tmp_path, name, data={"source": "digits", "image_size": 32, "channels": 1},
+        model={"nz": 16, "ngf": 16, "ndf": 16},
+        train={"steps": steps, "global_batch_size": 32, "seed": 0, "channels_last": False},
+        checkpoint={"every": 50, "keep": 2, "stop_poll_seconds": 1, "stop_check_every": 2},
+        logging={"every": 25, "samples_every": steps},
+        eval={"every": 50, "num_samples": 500, "runs": "in-line"},
+    )  # fmt: skip
+
+
+def _latest_step(run: Path) -> int:
+    latest = run / "checkpoints" / "LATEST"
+    return int(latest.read_text().strip()[5:]) if latest.exists() else 0
+
+
+def _terminated(sweep_dir: Path) -> list[str]:
+    """The trials Tune's newest snapshot of the experiment records as ended."""
+    states = sorted((sweep_dir / "tune").glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):
+        return []  # being replaced
+    return [t["trial_id"] for t in (json.loads(data) for data, _ in trials) if t["status"] == "TERMINATED"]
+
+
+def _files(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_sweep_submitted_sigkilled_and_resubmitted_finishes_without_rerunning_a_trial_and_asha_stops_the_diverging_lr(head, tmp_path: Path):
+    """4 trials, one of them a learning rate that diverges (3.0: the generator's output goes
+    constant), 2 at a time. The driver is SIGKILLed once a trial has finished; the resubmitted
+    `--resume` completes the sweep: the finished trial's run is untouched, ASHA (its rungs
+    kept across the kill) has stopped the diverging trial before its last step, and the
+    sweep's best checkpoint is a sane rate's."""
+    steps = 300
+    cfg, config = _sweep_config(tmp_path, "sweep", steps)
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [2.0e-3, 3.0e-3, 5.0e-3, 3.0]}\n")
+    env, address = head
+    sweep_dir, trials = cfg.run_dir, cfg.run_dir / "trials"
+    first = subprocess.Popen(["bash", ROOT / "launch/submit.sh", config, "--address", address, "--sweep", space, "--", "--max-concurrent", "2"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not _terminated(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        finished = _terminated(sweep_dir)  # as Tune recorded it: what --resume reads
+        assert finished, "no trial finished"
+        driver = subprocess.run(["pgrep", "-f", f"dcgan sweep --space {space} --config {config}"], capture_output=True, text=True)
+        assert driver.stdout.split(), "the sweep's driver is not running"
+        for pid in driver.stdout.split():  # the job's shell too, where it did not exec the driver
+            os.kill(int(pid), 9)
+    finally:
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode != 0, out
+    assert 0 < len(finished) < 4, f"the kill must come mid-way: {finished}"
+    done_before = {name: _files(trials / name) for name in finished}
+
+    resumed = subprocess.run(["bash", ROOT / "launch/submit.sh", config, "--address", address, "--sweep", space, "--", "--resume"],
+                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    logs = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, logs[-5000:]
+    for name, files in done_before.items():
+        assert _files(trials / name) == files, f"finished trial {name} was run again"
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    rows = {row["overrides"][0]: row for row in summary["trials"]}
+    assert sorted(rows) == ["train.lr=0.002", "train.lr=0.003", "train.lr=0.005", "train.lr=3.0"]
+    diverged = rows["train.lr=3.0"]
+    assert diverged["status"] == "stopped" and _latest_step(Path(diverged["run"])) < steps, diverged
+    best = next(row for row in summary["trials"] if row["trial"] == summary["best_trial"])
+    assert best["overrides"] != ["train.lr=3.0"] and best["best_fid"] < diverged["best_fid"] / 2, summary
+    assert summary["best_checkpoint"] == best["best_checkpoint"]
+    assert fetch(best["best_checkpoint"]).step == best["best_step"]  # it verifies: ready for sample/export/evaluate
+    assert (sweep_dir / "sweep.md").read_text().count("| train.lr=") == 4
+    assert json.loads((sweep_dir / "asha-rungs.json").read_text())["rungs"]

@@ -26,24 +26,26 @@ class TrialRow:
     trial: str
     overrides: list[str]
     run: str  # the trial's run directory
-    status: str  # finished | stopped (by the scheduler) | error
+    status: str  # finished | stopped (by the scheduler: its last score came before the last step) | error
     best_fid: Optional[float]
     best_fid_std: Optional[float]
     best_step: Optional[int]
     best_checkpoint: Optional[str]
-    last_step: int
+    last_step: int  # the run's newest checkpoint (a stopped trial's job stops at a step after the decision)
     wall_seconds: float
     error: Optional[str] = None
     within_noise_of_best: bool = False
 
 
-def trial_row(trial_id: str, values: dict[str, Any], run: str, last_step: int, total_steps: int, wall: float,
+def trial_row(trial_id: str, values: dict[str, Any], run: str, scored_step: int, total_steps: int, wall: float,
               error: Optional[str]) -> TrialRow:  # fmt: skip
+    """`scored_step`: the step of Tune's last result of the trial."""
     manager = CheckpointManager(storage.join(run, "checkpoints"), None)
-    best = manager.best_name()
+    best, latest = manager.best_name(), manager.latest_name()
     record = (manager.scores(best) if best else None) or {}
     fid = record.get("score")
-    status = "error" if error else ("finished" if last_step >= total_steps else "stopped")
+    status = "error" if error else ("finished" if scored_step >= total_steps else "stopped")
+    last_step = int(latest.removeprefix("step-")) if latest else 0
     return TrialRow(
         trial=trial_id, overrides=overrides(values), run=run, status=status,
         best_fid=float(fid) if fid is not None else None,

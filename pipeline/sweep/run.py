@@ -165,7 +165,7 @@ def _scheduler(cfg: Config, dimensions: list[Dimension], name: str):
         # Rungs at the evaluation steps 1, 2, 4, ... x eval.every: a trial is first judged at
         # its first score, and continues while it stays in the better half.
         return NoiseAwareASHA(max_t=cfg.train.steps, grace_period=cfg.eval.every, reduction_factor=2,
-                              margin=cfg.eval.best_margin, state=(storage.location(cfg.run_address), ASHA_STATE))  # fmt: skip
+                              margin=cfg.eval.best_margin, state=storage.join(cfg.run_address, ASHA_STATE))  # fmt: skip
     if name == "pbt":
         return NoiseAwarePBT(perturbation_interval=cfg.eval.every, hyperparam_mutations=perturbed(dimensions),
                              margin=cfg.eval.best_margin, seed=cfg.train.seed)  # fmt: skip

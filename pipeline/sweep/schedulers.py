@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining, TrialScheduler
 
+from pipeline import storage
 from pipeline import tensorboard as tb
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,28 @@ class NoiseAwareASHA(AsyncHyperBandScheduler):
     resumed sweep must judge the trials left against the scores of those that finished."""
 
     def __init__(self, max_t: int, grace_period: int, reduction_factor: float = 2, margin: float = 1.0,
-                 state: Optional[tuple[Any, str]] = None):  # fmt: skip
+                 state: Optional[str] = None):  # fmt: skip
         super().__init__(time_attr=TIME_ATTR, metric=METRIC, mode="min", max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor, brackets=1)  # fmt: skip
         self.margin = margin
         self._cards = _CardCheck()
-        self._state = state  # (a pipeline.storage Location, a file name in it)
-        self._load()
+        self._state = state  # the rungs' file: a path or URI
+        # Read at the first trial, not here: a resumed Tuner unpickles this scheduler as it was
+        # built, before any score.
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not self._loaded:
+            self._loaded = True
+            self._load()
 
     def _load(self) -> None:
         if self._state is None:
             return
-        location, name = self._state
+        directory, _, name = self._state.rpartition("/")
         try:
-            saved = json.loads(location.read_text(name))
+            saved = json.loads(storage.location(directory).read_text(name))
         except FileNotFoundError:
             return
         rungs = dict(self._brackets[0]._rungs)
@@ -83,9 +92,9 @@ class NoiseAwareASHA(AsyncHyperBandScheduler):
 
     def _save(self) -> None:
         if self._state is not None:
-            location, name = self._state
+            directory, _, name = self._state.rpartition("/")
             state = {"rungs": self._brackets[0]._rungs, "card_key": self._cards.card_key}
-            location.write_text(name, json.dumps(state))
+            storage.location(directory).write_text(name, json.dumps(state))
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
         if TIME_ATTR not in result or not self._cards.comparable(trial, result):
