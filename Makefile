@@ -60,7 +60,7 @@ dryrun: $(STAMP)
 # then (the wheel installed by then) the NEEDS_HOROVOD modules. They share one node-local cache
 # (the digits classifier is trained once, under a lock) and print in turn: the first lane as it
 # runs, the second when both are done.
-BESIDE_TF := tests/test_ray_runner.py tests/test_ray_devices.py tests/test_cli.py tests/test_resume.py tests/quality
+BESIDE_TF := tests/test_ray_runner.py tests/test_ray_devices.py tests/test_cli.py tests/test_resume.py tests/quality tests/test_sweep.py
 NEEDS_HOROVOD := tests/test_horovod.py tests/backends/test_torch_horovod.py tests/test_combinations.py tests/test_launch.py
 test: $(TORCH_STAMP)
 	@# pytest ARGS, where "no test selected" (exit 5: a -m filter that leaves a lane empty) passes.

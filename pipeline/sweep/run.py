@@ -123,8 +123,14 @@ def _tuner(cfg: Config, dimensions: list[Dimension], trials: int, scheduler: str
     # it is a few kilobytes. A finished trial that a snapshot missed is restarted by a resume,
     # and its job, at its last step already, returns without training.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    import warnings
+
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
+
+    # Tune's advice for PBT; a trial's actor is not reused on purpose: its job owns the run's
+    # lease until its ranks have stopped.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance by enabling `reuse_actors`")
 
     from pipeline.sweep.trial import Trial
 
