@@ -189,3 +189,21 @@ def test_the_shipped_spaces_load_against_the_config_their_comment_names():
         assert command and command.group(2) == str(space.relative_to(ROOT)), space
         cfg = config.load(ROOT / command.group(1), [])
         check_sweep_config(cfg, "pbt", load_space(space, cfg))
+
+
+def test_resume_needs_a_sweep_to_continue_and_its_own_space(tmp_path: Path, capsys):
+    config = _config(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [1.0e-3, 2.0e-3]}\n")
+    args = ["sweep", "--config", str(config), "--space", str(space)]
+    assert cli.main([*args, "--resume"]) == 2
+    assert "there is no sweep to continue" in capsys.readouterr().err
+
+    sweep_dir = tmp_path / "runs" / "sweep"
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(b"")
+    (sweep_dir / "space.yaml").write_text("train.lr: {grid: [1.0e-3, 5.0e-3]}\n")
+    assert cli.main([*args, "--resume"]) == 2
+    assert "is not the space the sweep" in capsys.readouterr().err
+    assert cli.main(args) == 2  # a new sweep over it
+    assert "holds a sweep or a run already: --resume" in capsys.readouterr().err

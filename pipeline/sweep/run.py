@@ -65,6 +65,9 @@ def run_sweep(
     started = sweep_dir.exists(TUNE_DIR) and bool(sweep_dir.child(TUNE_DIR).list())
     if resume and not started:
         raise ConfigError(f"--resume: there is no sweep to continue in {cfg.run_address}")
+    if resume and sweep_dir.exists(SPACE_FILE) and sweep_dir.read_text(SPACE_FILE) != Path(space_path).read_text():
+        raise ConfigError(f"--resume: {space_path} is not the space the sweep in {cfg.run_address} started with "
+                          f"({storage.join(cfg.run_address, SPACE_FILE)}); a resumed sweep keeps its trials' space")  # fmt: skip
     if not resume and (started or sweep_dir.exists("checkpoints")):
         raise ConfigError(f"{cfg.run_address} holds a sweep or a run already: --resume to continue the sweep, "
                           "or --set run.name=NEW for a new one")  # fmt: skip

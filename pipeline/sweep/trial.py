@@ -3,7 +3,7 @@
 The trainable is the trial's driver (Ray's pattern for Train inside Tune): it plans the job
 (pipeline.job, with the trial's own run directory and lease) and runs it through the Ray
 runner, whose Trainer starts the trial's `scaling.num_workers` workers with their own
-resources; the trainable itself reserves none. The job runs in a thread; `step` returns each
+resources; the trainable itself reserves a hundredth of a CPU. The job runs in a thread; `step` returns each
 scored checkpoint to Tune in step order, as the evaluations land (in-line, or apart as Ray's
 checkpoint validation): eval/fid, its std and its card key, which the schedulers read.
 
@@ -12,7 +12,8 @@ checkpoint last reported). PBT's exploit restores a worse trial from a better on
 job then resumes from that checkpoint with the trial's new (perturbed) config, whose learning
 rates the backends take over the checkpoint's. A trial Tune stops (ASHA, an exploit, the end
 of the sweep) is asked through its run's STOP file: the ranks agree on a step, checkpoint
-there and return, and the lease is released, so a later start of the trial takes the run at once.
+there and return, and the lease is released; a later start of the trial (Tune may start it
+before the old actor is done) waits for that.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Trial(tune.Trainable):
         self.last_result: dict[str, Any] = {tb.TAG_EVAL_FID: float("nan")}
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
+        self.stop_requested = threading.Event()
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         pointer = json.loads((Path(checkpoint_dir) / POINTER).read_text())
@@ -108,10 +110,14 @@ class Trial(tune.Trainable):
     def cleanup(self) -> None:
         if self.thread is None or not self.thread.is_alive():
             return
-        storage.location(self.run_address).write_text(STOP_FILE, f"stopped by the sweep's scheduler (trial {self.trial_id})\n")
+        self.stop_requested.set()
+        self._write_stop()
         self.thread.join(STOP_WAIT_SECONDS)
         if self.thread.is_alive():
             log.warning("trial %s: its ranks did not stop within %d s", self.trial_id, STOP_WAIT_SECONDS)
+
+    def _write_stop(self) -> None:
+        storage.location(self.run_address).write_text(STOP_FILE, f"stopped by the sweep (trial {self.trial_id})\n")
 
     def _run_job(self) -> None:
         from pipeline import ray_runner
@@ -124,6 +130,8 @@ class Trial(tune.Trainable):
                 job = plan(self.cfg, StartOptions(resume=self._donor_checkpoint()), None, lease.token)
                 # Only this job's pending evaluations will come: older ones ended with their fit.
                 self.checkpoints = CheckpointManager(self.checkpoints.location, None, job=job.id)
+                if self.stop_requested.is_set():  # asked before planning, which clears a STOP left behind
+                    self._write_stop()
                 ray_runner.run(job)
         except Preempted:
             log.info("trial %s stopped at a checkpoint", self.trial_id)
