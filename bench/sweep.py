@@ -36,13 +36,13 @@ def dcgan(*args: str) -> float:
 
 
 def best_of(run: Path) -> dict[str, Any]:
-    from pipeline.checkpoint import CheckpointManager
+    from pipeline.checkpoint import CheckpointManager, step_of
 
     manager = CheckpointManager(run / "checkpoints", None)
     name = manager.best_name()
     record = manager.scores(name) or {}
     return {"best_fid": record.get("score"), "best_fid_std": record.get("score_std"),
-            "best_step": int(name[5:]), "checkpoint": str(run / "checkpoints" / name)}  # fmt: skip
+            "best_step": step_of(name), "checkpoint": str(run / "checkpoints" / name)}  # fmt: skip
 
 
 def main() -> None:

@@ -96,6 +96,11 @@ class CheckpointInfo:
         return self.manifest["config"]
 
 
+def step_of(name: str) -> int:
+    """The step a step directory's name (step_dir_name) holds."""
+    return int(name.removeprefix("step-"))
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -396,7 +401,7 @@ class CheckpointManager:
         """An explicit resume of an older step starts a new line: the newer steps of the old
         line move to abandoned-<time>/, out of reach of auto-resume and retention. Returns
         where they went (None when there were none)."""
-        newer = [n for n in self.location.list() if _STEP_DIR.match(n) and int(n[5:]) > step]
+        newer = [n for n in self.location.list() if _STEP_DIR.match(n) and step_of(n) > step]
         if not newer:
             return None
         target = f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -119,8 +119,7 @@ def check_room_for_evaluation(cfg: Config) -> None:
 
     total = ray.cluster_resources()
     workers_gpus = cfg.scaling.max_workers if cfg.scaling.use_gpu else 0
-    wanted = {"CPU": cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + cfg.eval.resources.cpus,
-              "GPU": workers_gpus + cfg.eval.resources.gpus}  # fmt: skip
+    wanted = {"CPU": job_cpus(cfg), "GPU": workers_gpus + cfg.eval.resources.gpus}
     short = {name: (need, total.get(name, 0)) for name, need in wanted.items() if need > total.get(name, 0)}
     if short:
         name, (need, have) = next(iter(short.items()))

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from pipeline import storage
-from pipeline.checkpoint import CheckpointManager
+from pipeline.checkpoint import CheckpointManager, step_of
 from pipeline.sweep.space import overrides
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
@@ -45,12 +45,12 @@ def trial_row(trial_id: str, values: dict[str, Any], run: str, scored_step: int,
     record = (manager.scores(best) if best else None) or {}
     fid = record.get("score")
     status = "error" if error else ("finished" if scored_step >= total_steps else "stopped")
-    last_step = int(latest.removeprefix("step-")) if latest else 0
+    last_step = step_of(latest) if latest else 0
     return TrialRow(
         trial=trial_id, overrides=overrides(values), run=run, status=status,
         best_fid=float(fid) if fid is not None else None,
         best_fid_std=float(record.get("score_std") or 0.0) if fid is not None else None,
-        best_step=int(best.removeprefix("step-")) if best and fid is not None else None,
+        best_step=step_of(best) if best and fid is not None else None,
         best_checkpoint=storage.join(run, f"checkpoints/{best}") if best and fid is not None else None,
         last_step=last_step, wall_seconds=round(wall, 1), error=error,
     )  # fmt: skip

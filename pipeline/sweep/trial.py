@@ -30,7 +30,7 @@ from ray import tune
 
 from pipeline import storage
 from pipeline import tensorboard as tb
-from pipeline.checkpoint import CheckpointError, CheckpointManager, fetch, step_dir_name
+from pipeline.checkpoint import CheckpointError, CheckpointManager, fetch, step_dir_name, step_of
 from pipeline.config import Config
 from pipeline.stopping import STOP_FILE, Preempted
 from pipeline.sweep.schedulers import CARD_KEY, TIME_ATTR
@@ -103,7 +103,7 @@ class Trial(tune.Trainable):
                     raise self.error
                 # The last score again (Tune wants its metric in every result), at the final step.
                 latest = self.checkpoints.latest_name()
-                end = max(self.reported_step, int(latest.removeprefix("step-")) if latest else 0)
+                end = max(self.reported_step, step_of(latest) if latest else 0)
                 return {**self.last_result, TIME_ATTR: end, "done": True}
             time.sleep(POLL_SECONDS)
 
@@ -180,7 +180,7 @@ class Trial(tune.Trainable):
         None while there is none, or an older one's evaluation is still pending (results go
         to Tune in step order)."""
         for name in sorted(self.checkpoints.complete_steps()):
-            step = int(name.removeprefix("step-"))
+            step = step_of(name)
             if step <= self.reported_step:
                 continue
             record = self.checkpoints.scores(name)
