@@ -59,17 +59,19 @@ dryrun: $(STAMP)
 # TensorFlow's tests, then BESIDE_TF. The first: every other torch module that needs no Horovod,
 # then (the wheel installed by then) the NEEDS_HOROVOD modules. They share one node-local cache
 # (the digits classifier is trained once, under a lock) and print in turn: the first lane as it
-# runs, the second when both are done.
+# runs, the second when both are done, then the failures of both (CI shows only the tail).
 BESIDE_TF := tests/test_ray_runner.py tests/test_ray_devices.py tests/test_cli.py tests/test_resume.py tests/quality tests/test_sweep.py
 NEEDS_HOROVOD := tests/test_horovod.py tests/backends/test_torch_horovod.py tests/test_combinations.py tests/test_launch.py
 test: $(TORCH_STAMP)
 	@# pytest ARGS, where "no test selected" (exit 5: a -m filter that leaves a lane empty) passes.
-	@run() { $(BIN)/python -m pytest --durations=25 "$$@" $(PYTEST_ARGS) || [ $$? -eq 5 ]; }; \
-	cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache; \
+	@# Each run's output is also appended to $$log, whose FAILED/ERROR lines are printed last.
+	@run() { rc=$$(mktemp); { $(BIN)/python -m pytest --durations=25 "$$@" $(PYTEST_ARGS); echo $$? > $$rc; } 2>&1 \
+		| tee -a $$log; status=$$(cat $$rc); rm -f $$rc; [ "$$status" = 0 ] || [ "$$status" = 5 ]; }; \
+	cache=$$(mktemp -d -t dcgan-test-cache-XXXXXX) && export DCGAN_CACHE_DIR=$$cache; log=$$cache/first-lane.log; \
 	$(MAKE) --no-print-directory horovod-wheel > $$cache/horovod-wheel.log 2>&1 & wheel=$$!; \
 	trap 'kill $$wheel $$second 2>/dev/null; rm -rf $$cache' INT TERM; \
 	$(MAKE) --no-print-directory install || { wait $$wheel; exit 1; }; \
-	( run tests/tf; tensorflow=$$?; run $(BESIDE_TF) && exit $$tensorflow ) \
+	( log=/dev/null; run tests/tf; tensorflow=$$?; run $(BESIDE_TF) && exit $$tensorflow ) \
 		> $$cache/second-lane.log 2>&1 & second=$$!; \
 	run $(addprefix --ignore=,$(BESIDE_TF) $(NEEDS_HOROVOD)); without=$$?; \
 	wait $$wheel; built=$$?; cat $$cache/horovod-wheel.log; \
@@ -77,6 +79,8 @@ test: $(TORCH_STAMP)
 	[ $$without -eq 0 ] || first=$$without; \
 	wait $$second; second=$$?; \
 	echo "=== the second lane (ran alongside): tests/tf, then $(BESIDE_TF) ==="; cat $$cache/second-lane.log; \
+	echo "=== failures and errors of both lanes ==="; \
+	grep -hE '^(FAILED|ERROR) ' $$log $$cache/second-lane.log || echo "none"; \
 	rm -rf $$cache; echo "make test: first lane exited $$first, second lane $$second"; \
 	[ $$first -eq 0 ] && [ $$second -eq 0 ]
 
