@@ -246,6 +246,19 @@ def _files(run: Path) -> dict[str, int]:
             if p.is_file() and p.relative_to(run).parts[0] != ".ray"}  # fmt: skip
 
 
+def _settled(runs: list[Path], quiet: float = 5.0, timeout: float = 120.0) -> dict[str, dict[str, int]]:
+    """The files of `runs` once they have stayed the same for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    before = {str(run): _files(run) for run in runs}
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = {str(run): _files(run) for run in runs}
+        if now == before:
+            return now
+        before = now
+    raise AssertionError(f"the killed sweep's runs were still being written {timeout:.0f} s after the kill")
+
+
 def test_a_sweep_submitted_sigkilled_and_resubmitted_finishes_without_rerunning_a_trial_and_asha_stops_the_diverging_lr(head, tmp_path: Path):
     """4 trials, one of them a learning rate that diverges (3.0: the generator's output goes
     constant), 2 at a time, 200 steps each (rungs at 50 and 100). The driver is SIGKILLed once a trial has finished; the resubmitted
@@ -274,15 +287,17 @@ def test_a_sweep_submitted_sigkilled_and_resubmitted_finishes_without_rerunning_
         out, _ = first.communicate(timeout=120)
     assert first.returncode != 0, out
     assert 0 < len(finished) < 4, f"the kill must come mid-way: {finished}"
-    time.sleep(5)  # the killed driver's trials (its actors' children) take a moment to die
-    done_before = {name: _files(trials / name) for name in finished}
+    # Tune records a trial its scheduler stops as ended before the trial's ranks have written
+    # their stop checkpoint, and the killed driver's actors take a moment to die: what the
+    # resume must leave alone is what these runs hold once nothing writes them any more.
+    done_before = _settled([trials / name for name in finished])
 
     resumed = subprocess.run(["bash", ROOT / "launch/submit.sh", config, "--address", address, "--sweep", space, "--", "--resume"],
                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     logs = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, logs[-5000:]
-    for name, files in done_before.items():
-        assert _files(trials / name) == files, f"finished trial {name} was run again"
+    for run, files in done_before.items():
+        assert _files(Path(run)) == files, f"finished trial {Path(run).name} was run again"
 
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     rows = {row["overrides"][0]: row for row in summary["trials"]}
