@@ -1,14 +1,16 @@
 """A sweep on the digits against the config it starts from: does `dcgan sweep` find better
-settings than configs/digits-torch.yaml's, within about 30 CPU-minutes?
+settings than a digits config's own (configs/digits-torch.yaml, or --config
+configs/digits-tf.yaml), within about 30 CPU-minutes?
 
 Two commands, as a user runs them, one after the other on this machine:
-- the baseline: `dcgan train --config configs/digits-torch.yaml` (its own settings);
+- the baseline: `dcgan train --config CONFIG` (its own settings);
 - the sweep: `dcgan sweep` over configs/spaces/digits.yaml (G's and D's rates apart, beta1, the
   EMA's decay), ASHA on eval/fid, `--trials` samples, on a local Ray.
 Each result is the run's BEST: digits-FID ± its bootstrap std, at its step. The sweep's best is
 better only by more than the noise of the difference (eval.best_margin standard deviations).
 
-    .venv/bin/python bench/sweep.py [--trials 8] [--scheduler asha] [--out runs/bench/sweep.json]
+    .venv/bin/python bench/sweep.py [--config configs/digits-torch.yaml] [--space configs/spaces/digits.yaml]
+                                    [--trials 8] [--scheduler asha] [--out runs/bench/sweep.json]
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def best_of(run: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--space", type=Path, default=SPACE)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--scheduler", default="asha", choices=["asha", "pbt", "none"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-sweep")
@@ -55,14 +59,15 @@ def main() -> None:
     runs = args.runs.resolve()
     common = ["--set", f"run.dir={runs}"]
 
-    baseline_wall = dcgan("train", "--config", str(CONFIG), *common, "--set", "run.name=baseline", "--fresh")
+    baseline_wall = dcgan("train", "--config", str(args.config), *common, "--set", "run.name=baseline", "--fresh")
     baseline = best_of(runs / "baseline")
-    sweep_wall = dcgan("sweep", "--config", str(CONFIG), "--space", str(SPACE), "--trials", str(args.trials),
+    sweep_wall = dcgan("sweep", "--config", str(args.config), "--space", str(args.space), "--trials", str(args.trials),
                        "--scheduler", args.scheduler, *common, "--set", "run.name=sweep")  # fmt: skip
     sweep = json.loads((runs / "sweep" / "sweep.json").read_text())
     best = next(row for row in sweep["trials"] if row["trial"] == sweep["best_trial"])
     noise = math.hypot(best["best_fid_std"], baseline["best_fid_std"])
     result = {
+        "config": str(args.config),
         "cores": os.cpu_count(),
         "baseline": {**baseline, "wall_s": round(baseline_wall, 1)},
         "sweep": {"trials": sweep["trials"], "best_trial": sweep["best_trial"], "best_checkpoint": sweep["best_checkpoint"],
@@ -73,7 +78,7 @@ def main() -> None:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"baseline (configs/digits-torch.yaml): FID {baseline['best_fid']:.2f} ± {baseline['best_fid_std']:.2f} "
+    print(f"baseline ({result['config']}): FID {baseline['best_fid']:.2f} ± {baseline['best_fid_std']:.2f} "
           f"at step {baseline['best_step']}, {baseline_wall:.0f} s")  # fmt: skip
     print(f"sweep ({args.trials} trials, {args.scheduler}): FID {best['best_fid']:.2f} ± {best['best_fid_std']:.2f} at step "
           f"{best['best_step']} with {' '.join(best['overrides'])}, {sweep_wall:.0f} s "

@@ -81,3 +81,32 @@ def test_a_sigterm_checkpoints_at_a_step_boundary_a_sigkill_resumes_from_it_and_
             np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-8, err_msg=name)
         else:
             np.testing.assert_array_equal(weights[1][name], value, err_msg=name)
+
+
+def test_a_sweep_of_a_tensorflow_trial_scores_it_and_names_a_tensorflow_best(tmp_path: Path):
+    """A TensorflowTrainer inside a Tune trial, on this module's Ray: `dcgan sweep` runs in a
+    process apart (its driver stores the digits classifier, a torch network, and evaluation
+    scores in torch), the trial's rank 0 evaluates in its torch process, and the sweep's best
+    is a TensorFlow checkpoint that verifies."""
+    import json
+
+    from pipeline.checkpoint import fetch
+    from tests.helpers import dcgan, write_config
+
+    cfg = small_config(
+        tmp_path, backend="tensorflow", run={"name": "tf-sweep"}, data={"source": "digits", "image_size": 32, "channels": 1},
+        train={"steps": 8, "global_batch_size": 16}, eval={"every": 8, "num_samples": 200, "runs": "in-line"},
+        runtime={"runner": "ray", "ray_address": ray.get_runtime_context().gcs_address},
+    )  # fmt: skip
+    # One trial: what is TensorFlow's here is the trial, not the scheduling between trials.
+    (tmp_path / "space.yaml").write_text("train.lr: {grid: [1.0e-3]}\n")
+    done = dcgan("sweep", "--config", str(write_config(tmp_path / "sweep.yaml", cfg)), "--space", str(tmp_path / "space.yaml"),
+                 "--scheduler", "none", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+
+    summary = json.loads((cfg.run_dir / "sweep.json").read_text())
+    (row,) = summary["trials"]
+    assert row["overrides"] == ["train.lr=0.001"] and row["status"] == "finished" and row["last_step"] == 8, row
+    assert row["best_fid"] > 0 and row["best_step"] == 8 and summary["best_trial"] == row["trial"], summary
+    best = fetch(summary["best_checkpoint"])
+    assert best.manifest["framework"] == "tensorflow" and best.manifest["config"]["train"]["lr"] == 1e-3
