@@ -60,7 +60,9 @@ dryrun: $(STAMP)
 # then (the wheel installed by then) the NEEDS_HOROVOD modules. They share one node-local cache
 # (the digits classifier is trained once, under a lock) and print in turn: the first lane as it
 # runs, the second when both are done, then the failures of both (CI shows only the tail).
-BESIDE_TF := tests/test_ray_runner.py tests/test_ray_devices.py tests/test_cli.py tests/test_resume.py tests/quality tests/test_sweep.py
+# tests/test_sweep.py leads BESIDE_TF: at its end, its PBT sweep ran beside the first lane's ASHA
+# sweep, two Ray sweeps on two cores (326 and 350 s, against 190 and 196 s apart).
+BESIDE_TF := tests/test_sweep.py tests/test_ray_runner.py tests/test_ray_devices.py tests/test_cli.py tests/test_resume.py tests/quality
 NEEDS_HOROVOD := tests/test_horovod.py tests/backends/test_torch_horovod.py tests/test_combinations.py tests/test_launch.py
 test: $(TORCH_STAMP)
 	@# pytest ARGS, where "no test selected" (exit 5: a -m filter that leaves a lane empty) passes.

@@ -120,14 +120,14 @@ def test_pbt_exploits_a_trial_only_when_the_upper_quantile_beats_it_beyond_the_n
 @pytest.mark.integration
 @pytest.mark.ray
 def test_a_pbt_exploit_resumes_the_worse_trial_from_the_better_ones_checkpoint_with_a_perturbed_lr(tmp_path: Path):
-    """Two trials side by side, each data-parallel (2 workers), one with a rate that diverges
-    (3.0). PBT copies the sane one's scored checkpoint into the diverged one and perturbs its
-    rate: the checkpoints it writes after say where they started from, and its Adam runs at the
-    new rate."""
+    """Two trials side by side, one with a rate that diverges (3.0). PBT copies the sane
+    one's scored checkpoint into the diverged one and perturbs its rate: the checkpoints it
+    writes after say where they started from, and its Adam runs at the new rate. (One worker a
+    trial: with two, this test took 326 s in the suite against 190; a trial's workers are its
+    Ray Trainer's, as in any Ray run.)"""
     steps = 150
     config = _config(
         tmp_path, data={"source": "digits", "image_size": 32, "channels": 1}, model={"nz": 16, "ngf": 16, "ndf": 16},
-        scaling={"num_workers": 2},
         train={"steps": steps, "global_batch_size": 32, "seed": 0, "channels_last": False},
         checkpoint={"every": 50, "keep": 2, "stop_poll_seconds": 1, "stop_check_every": 2},
         logging={"every": 25, "samples_every": steps},
@@ -152,7 +152,6 @@ def test_a_pbt_exploit_resumes_the_worse_trial_from_the_better_ones_checkpoint_w
         if m.get("started_from", "").startswith(donor["run"] + "/checkpoints/step-")
     ]  # fmt: skip
     assert exploited, "no checkpoint of the worse trial grew from the better one's"
-    assert {m["world_size"] for m in exploited} == {2}
     for manifest in exploited:  # each exploit perturbs the donor's 3e-3: x0.8, x1.2, or a draw in [3e-3, 3]
         lr = manifest["config"]["train"]["lr"]
         assert lr != 3.0 and 0.8 * 3e-3 - 1e-12 <= lr <= 3.0, manifest["config"]["train"]
