@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.checkpoint import fetch
+from pipeline.checkpoint import fetch, step_of
 from tests.conftest import ROOT, small_config
 from tests.ddp_harness import free_port
 from tests.helpers import write_config
@@ -226,7 +226,7 @@ def _sweep_config(tmp_path: Path, name: str, steps: int) -> tuple:
 
 def _latest_step(run: Path) -> int:
     latest = run / "checkpoints" / "LATEST"
-    return int(latest.read_text().strip()[5:]) if latest.exists() else 0
+    return step_of(latest.read_text().strip()) if latest.exists() else 0
 
 
 def _terminated(sweep_dir: Path) -> list[str]:
