@@ -305,7 +305,9 @@ def test_a_sweep_submitted_sigkilled_and_resubmitted_finishes_without_rerunning_
     diverged = rows["train.lr=3.0"]
     assert diverged["status"] == "stopped" and _latest_step(Path(diverged["run"])) < steps, diverged
     best = next(row for row in summary["trials"] if row["trial"] == summary["best_trial"])
-    assert best["overrides"] != ["train.lr=3.0"] and best["best_fid"] < diverged["best_fid"] / 2, summary
+    # A diverged run may end with no finite score at all (BEST ranks finite ones only): worse still.
+    assert best["overrides"] != ["train.lr=3.0"], summary
+    assert diverged["best_fid"] is None or best["best_fid"] < diverged["best_fid"] / 2, summary
     assert summary["best_checkpoint"] == best["best_checkpoint"]
     assert fetch(best["best_checkpoint"]).step == best["best_step"]  # it verifies: ready for sample/export/evaluate
     assert (sweep_dir / "sweep.md").read_text().count("| train.lr=") == 4
